@@ -1,0 +1,1 @@
+"""Distributions, variational families and analytic KLs shared by ``models`` and ``guides``."""

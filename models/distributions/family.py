@@ -1,0 +1,133 @@
+r"""Variational families: how an encoder's raw output becomes :math:`q(z \mid x)`.
+
+A family declares its parameters as an ordered mapping ``name -> constraint``. An encoder
+emits one block of ``latent_dim`` raw numbers per parameter; each block is mapped onto the
+parameter's support with :func:`torch.distributions.biject_to` and handed to :meth:`build`.
+
+By default a prior's guide *mirrors* the prior: :class:`MirrorFamily` reads the constraints off
+the prior distribution's own ``arg_constraints``, so a new prior needs no guide code.
+
+A family is a :class:`torch.nn.Module` so that it follows ``.train()`` / ``.eval()`` and
+``.to(device)`` with the encoder that owns it (a relaxed family samples exactly in eval mode).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.distributions import biject_to, constraints
+
+from ..errors import ConfigError
+
+#: Raw encoder outputs are clamped to this range before the bijection, so that a bad batch
+#: cannot turn ``exp`` of a large number into ``inf`` (the clamp is far outside anything a
+#: trained network produces: exp(15) ~ 3.3e6).
+RAW_CLAMP = 15.0
+
+# Of two alternative parameterisations, the encoder emits the first one listed.
+_PREFERRED_OVER = {"probs": "logits", "covariance_matrix": "scale_tril", "precision_matrix": "scale_tril"}
+
+
+def base_distribution(d: dist.Distribution) -> dist.Distribution:
+    """Strip ``Independent`` wrappers (``.to_event``) and return the underlying distribution."""
+    while isinstance(d, torch.distributions.Independent):
+        d = d.base_dist
+    return d
+
+
+def _constraint_is_usable(c: constraints.Constraint) -> bool:
+    try:
+        biject_to(c)
+    except NotImplementedError:
+        return False
+    return c.event_dim == 0
+
+
+class VariationalFamily(nn.Module):
+    r"""A family of distributions over :math:`z \in \mathbb{R}^D` (event shape ``(D,)``).
+
+    Subclasses set :attr:`param_constraints` and implement :meth:`build`.
+
+    Attributes:
+        param_constraints: ordered ``name -> constraint``; one encoder output block each.
+    """
+
+    param_constraints: OrderedDict[str, constraints.Constraint]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.param_constraints = OrderedDict()
+
+    @property
+    def num_params(self) -> int:
+        """How many blocks of ``latent_dim`` raw outputs the encoder head must produce."""
+        return len(self.param_constraints)
+
+    def constrain(self, raw: torch.Tensor, latent_dim: int) -> dict[str, torch.Tensor]:
+        """Split raw encoder output ``(..., P * D)`` into constrained parameters ``(..., D)``."""
+        expected = self.num_params * latent_dim
+        if raw.shape[-1] != expected:
+            raise ConfigError(
+                f"encoder head produced {raw.shape[-1]} outputs but the variational family "
+                f"{type(self).__name__} needs {expected} ({self.num_params} x latent_dim={latent_dim})"
+            )
+        blocks = raw.clamp(-RAW_CLAMP, RAW_CLAMP).split(latent_dim, dim=-1)
+        return {
+            name: biject_to(c)(block)
+            for (name, c), block in zip(self.param_constraints.items(), blocks, strict=True)
+        }
+
+    def build(self, **params: torch.Tensor) -> dist.Distribution:
+        """Return q(z | x) with batch shape ``params[...].shape[:-1]`` and event shape ``(D,)``."""
+        raise NotImplementedError
+
+    def anneal(self, progress: float) -> None:  # noqa: B027 - optional hook
+        """Optional hook called by the trainer with training progress in [0, 1]."""
+
+
+class MirrorFamily(VariationalFamily):
+    r"""q(z|x) of the same type as the prior, parameters from ``dist_cls.arg_constraints``.
+
+    Args:
+        dist_cls: a univariate distribution class (e.g. ``dist.Normal``, ``dist.Laplace``); the
+            guide is ``dist_cls(**params).to_event(1)``.
+        exclude: parameter names not to learn (e.g. ``("df",)`` for Student-t); they take
+            the values in ``fixed``.
+        fixed: constant keyword arguments passed to ``dist_cls``.
+    """
+
+    def __init__(
+        self,
+        dist_cls: type[dist.Distribution],
+        exclude: tuple[str, ...] = (),
+        fixed: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dist_cls = dist_cls
+        self.fixed = dict(fixed or {})
+        arg_constraints = dict(getattr(dist_cls, "arg_constraints", {}))
+        for alt, preferred in _PREFERRED_OVER.items():
+            if alt in arg_constraints and preferred in arg_constraints:
+                del arg_constraints[alt]
+        for name, c in arg_constraints.items():
+            if name in exclude or name in self.fixed:
+                continue
+            if not _constraint_is_usable(c):
+                raise ConfigError(
+                    f"cannot mirror {dist_cls.__name__}: parameter `{name}` has constraint {c} "
+                    "with no elementwise bijection; give the prior its own guide_family()"
+                )
+            self.param_constraints[name] = c
+        if not self.param_constraints:
+            raise ConfigError(f"cannot mirror {dist_cls.__name__}: it declares no arg_constraints")
+
+    def build(self, **params: torch.Tensor) -> dist.Distribution:
+        kwargs: dict[str, torch.Tensor | float] = dict(self.fixed)
+        kwargs.update(params)
+        return self.dist_cls(**kwargs).to_event(1)
+
+    def extra_repr(self) -> str:
+        return f"{self.dist_cls.__name__}({', '.join(self.param_constraints)})"

@@ -1,0 +1,107 @@
+r"""The prior contract: a module whose ``forward()`` returns :math:`p(z)`.
+
+A prior is a :class:`~pyro.nn.PyroModule` whose :meth:`Prior.forward` returns a Pyro distribution
+over :math:`z` with event shape ``(latent_dim,)`` and empty batch shape (the model expands it over
+the data plate). Fixed hyper-parameters are buffers, learnable ones ``PyroParam``\ s.
+
+Everything else has a default that is right for a Euclidean latent space, and a prior overrides
+only what its geometry needs:
+
+* :meth:`Prior.guide_family` - the variational family of q(z|x); mirrors the prior by default.
+* :meth:`Prior.embed` / :attr:`Prior.embed_dim` - what the decoder reads (von Mises: cos, sin).
+* :meth:`Prior.interpolate` - a path between two codes (for the interpolation figure).
+* :meth:`Prior.figures` - extra figures suited to the geometry.
+* :meth:`Prior.anneal` - a hook the trainer calls with progress in [0, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from ..distributions.family import MirrorFamily, VariationalFamily, base_distribution
+from ..errors import ConfigError
+
+
+def check_latent_dim(latent_dim: Any) -> int:
+    """Validate ``latent_dim`` and return it as ``int``."""
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim <= 0:
+        raise ConfigError(f"`latent_dim` must be a positive integer, got {latent_dim!r}")
+    return latent_dim
+
+
+class Prior(PyroModule):
+    r"""Base class of priors :math:`p(z)`, :math:`z \in \mathbb{R}^D` (or a product manifold).
+
+    Args:
+        latent_dim: D, the number of latent dimensions.
+    """
+
+    def __init__(self, latent_dim: int) -> None:
+        if type(self).forward is Prior.forward:
+            raise ConfigError(
+                f"prior class {type(self).__name__} must define forward() returning p(z)"
+            )
+        super().__init__()
+        self.latent_dim = check_latent_dim(latent_dim)
+
+    def forward(self) -> dist.Distribution:
+        """Return p(z): event shape ``(latent_dim,)``, batch shape ``()``."""
+        raise NotImplementedError
+
+    # -- the guide ---------------------------------------------------------------------------
+    def guide_family(self) -> VariationalFamily:
+        """The variational family of q(z|x). Default: the prior's own distribution type."""
+        return MirrorFamily(type(base_distribution(self.forward())))
+
+    # -- geometry ----------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """Width of :meth:`embed`'s output, i.e. of the decoder's input."""
+        return self.latent_dim
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """Features of z that the decoder reads, ``(..., D) -> (..., embed_dim)``."""
+        return z
+
+    def interpolate(self, z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Codes on the path from ``z0`` to ``z1`` (both ``(D,)``) at times ``t`` ``(T,)``."""
+        return z0 + t[:, None] * (z1 - z0)
+
+    def figures(
+        self, z: torch.Tensor, labels: torch.Tensor | None, fig_dir: Path
+    ) -> list[Path]:
+        """Write geometry-specific figures of posterior codes ``z`` ``(N, D)``; return paths."""
+        return []
+
+    def anneal(self, progress: float) -> None:
+        """Hook called by the trainer once per step with training progress in [0, 1]."""
+
+    # -- checks ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check that :meth:`forward` returns a distribution of event shape ``(latent_dim,)``."""
+        try:
+            d = self.forward()
+        except NotImplementedError as e:
+            raise ConfigError(f"prior {type(self).__name__} does not implement forward()") from e
+        if not isinstance(d, torch.distributions.Distribution):
+            raise ConfigError(
+                f"prior {type(self).__name__}.forward() must return a distribution, "
+                f"got {type(d).__name__}"
+            )
+        if tuple(d.event_shape) != (self.latent_dim,):
+            raise ConfigError(
+                f"prior {type(self).__name__} returns a distribution with event shape "
+                f"{tuple(d.event_shape)} but latent_dim={self.latent_dim}; expected "
+                f"({self.latent_dim},) (use .to_event(1) on a vector of {self.latent_dim} values)"
+            )
+        if tuple(d.batch_shape) != ():
+            raise ConfigError(
+                f"prior {type(self).__name__} returns batch shape {tuple(d.batch_shape)}; "
+                "expected () (the model expands p(z) over the data plate)"
+            )
+

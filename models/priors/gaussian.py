@@ -1,0 +1,40 @@
+r"""Gaussian prior: standard normal, or a diagonal normal with learned location and scale."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroParam
+from torch.distributions import constraints
+
+from .base import Prior
+
+
+class GaussianPrior(Prior):
+    r"""Diagonal Gaussian prior :math:`p(z) = \prod_d \mathcal{N}(z_d;\, \mu_d, \sigma_d^2)`.
+
+    Args:
+        latent_dim: D.
+        learn_loc: learn :math:`\mu` (initialised at 0) instead of fixing it at 0.
+        learn_scale: learn :math:`\sigma` (initialised at 1) instead of fixing it at 1.
+
+    Example:
+        >>> GaussianPrior(2)().event_shape
+        torch.Size([2])
+    """
+
+    def __init__(self, latent_dim: int, learn_loc: bool = False, learn_scale: bool = False) -> None:
+        super().__init__(latent_dim)
+        loc = torch.zeros(self.latent_dim)
+        scale = torch.ones(self.latent_dim)
+        if learn_loc:
+            self.loc = PyroParam(loc)
+        else:
+            self.register_buffer("loc", loc)
+        if learn_scale:
+            self.scale = PyroParam(scale, constraint=constraints.positive)
+        else:
+            self.register_buffer("scale", scale)
+
+    def forward(self) -> dist.Distribution:
+        return dist.Normal(self.loc, self.scale).to_event(1)
