@@ -1,0 +1,133 @@
+r"""Checkpoints: written atomically, the last two kept, loaded with ``weights_only=True``.
+
+A checkpoint holds state dicts (model, optimiser), the epoch, the per-epoch history, the random
+number generator states and the config as plain data, so ``torch.load(weights_only=True)``
+reads it and no pickle of user code is ever executed.
+
+Writing: ``checkpoint.pt`` is first written to a temporary file in the same directory,
+flushed and fsync'd, then the previous ``checkpoint.pt`` becomes ``checkpoint.prev.pt`` and the new
+file takes its name (each step an ``os.replace``), so a kill at any moment leaves at least one
+complete checkpoint. Loading falls back to the previous checkpoint, with a warning, if the newest is
+truncated or corrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models.errors import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """All random number generator states as tensors and plain Python values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore the states saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically write ``state`` as ``run_dir/checkpoint.pt``, keeping the previous one."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    tmp = run_dir / f".{CHECKPOINT}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, run_dir / PREVIOUS)
+    os.replace(tmp, path)
+    _fsync_dir(run_dir)
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _load(path: Path, map_location: Any) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is truncated or corrupted ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+        raise ConfigError(f"checkpoint {str(path)!r} is not a ppl-vae checkpoint")
+    return state
+
+
+def load_checkpoint(run_dir: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load the newest readable checkpoint of a run (falling back to the previous one)."""
+    run_dir = Path(run_dir)
+    path, prev = run_dir / CHECKPOINT, run_dir / PREVIOUS
+    if not path.exists() and not prev.exists():
+        raise ConfigError(f"no checkpoint in {str(run_dir)!r} (expected {CHECKPOINT})")
+    try:
+        if not path.exists():
+            raise ConfigError(f"checkpoint {str(path)!r} is missing")
+        return _load(path, map_location)
+    except ConfigError as newest_error:
+        if not prev.exists():
+            raise
+        state = _load(prev, map_location)
+        warnings.warn(
+            f"{newest_error}; using the previous checkpoint {str(prev)!r} (epoch {state['epoch']})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return state

@@ -1,0 +1,188 @@
+r"""Resolve component specifications (``"von-mises"``, ``"file.py:Class"``, ``"pkg.mod:Class"``).
+
+The engine never names a prior, likelihood or label guide. A name ``foo-bar`` is the module
+``foo_bar`` of the component's package (``ppl_vae.models.priors``, ...), which defines exactly one
+subclass of the component's base class. ``path/to/file.py:Class`` imports that file, **running
+its code** (only ever when a user names it), and ``package.module:Class`` imports a module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from .models.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of component: its package and base class."""
+
+    name: str
+    package: str
+    base_module: str
+    base_name: str
+    skip: tuple[str, ...] = ("base",)
+
+    @property
+    def base(self) -> type:
+        return getattr(importlib.import_module(self.base_module), self.base_name)
+
+
+KINDS: dict[str, Kind] = {
+    "prior": Kind("prior", "ppl_vae.models.priors", "ppl_vae.models.priors.base", "Prior"),
+    "likelihood": Kind(
+        "likelihood",
+        "ppl_vae.models.likelihoods",
+        "ppl_vae.models.likelihoods.base",
+        "Likelihood",
+        skip=("base", "units"),
+    ),
+    "label_guide": Kind(
+        "label_guide", "ppl_vae.guides.labels", "ppl_vae.guides.labels.base", "LabelGuide"
+    ),
+}
+
+
+def available(kind: str) -> list[str]:
+    """Names of the shipped components of ``kind`` (module names with ``-`` for ``_``)."""
+    k = KINDS[kind]
+    try:
+        pkg = importlib.import_module(k.package)
+    except ImportError:
+        return []
+    names = [
+        m.name.replace("_", "-")
+        for m in pkgutil.iter_modules(pkg.__path__)
+        if not m.name.startswith("_") and m.name not in k.skip
+    ]
+    return sorted(names)
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise ConfigError(f"component file {str(path)!r} does not exist")
+    mod_name = f"ppl_vae_user_{path.stem}_{abs(hash(str(path.resolve()))):x}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[mod_name]
+        raise ConfigError(f"importing {str(path)!r} failed: {type(e).__name__}: {e}") from e
+    return module
+
+
+def _single_subclass(module: ModuleType, base: type, where: str) -> type:
+    found = [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj)
+        and issubclass(obj, base)
+        and obj is not base
+        and obj.__module__ == module.__name__
+    ]
+    if len(found) != 1:
+        raise ConfigError(
+            f"{where} must define exactly one {base.__name__} subclass, found "
+            f"{[c.__name__ for c in found]}"
+        )
+    return found[0]
+
+
+def resolve(spec: str | type, kind: str) -> type:
+    """Return the component class named by ``spec`` (a name, ``file.py:Class`` or ``mod:Class``)."""
+    k = KINDS[kind]
+    base = k.base
+    if inspect.isclass(spec):
+        cls = spec
+    elif not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{kind} must be a name, 'file.py:Class' or a class, got {spec!r}")
+    elif ":" in spec:
+        target, _, cls_name = spec.rpartition(":")
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            module = _import_file(Path(target))
+        else:
+            try:
+                module = importlib.import_module(target)
+            except ImportError as e:
+                raise ConfigError(f"cannot import module {target!r} for {kind} {spec!r}: {e}") from e
+        if not hasattr(module, cls_name):
+            raise ConfigError(f"{target!r} has no class {cls_name!r} (for {kind} {spec!r})")
+        cls = getattr(module, cls_name)
+    else:
+        names = available(kind)
+        if spec not in names:
+            raise ConfigError(
+                f"Unknown {kind} {spec!r}; expected one of {names}, "
+                "or 'path/to/file.py:Class' / 'package.module:Class'"
+            )
+        module = importlib.import_module(f"{k.package}.{spec.replace('-', '_')}")
+        cls = _single_subclass(module, base, f"module {module.__name__}")
+    if not (inspect.isclass(cls) and issubclass(cls, base)):
+        raise ConfigError(
+            f"{kind} {spec!r} must be a subclass of {base.__module__}.{base.__name__}, got {cls!r}"
+        )
+    return cls
+
+
+def spec_of(obj: Any, kind: str) -> str:
+    """A string spec that :func:`resolve` maps back to ``obj``'s class (for saved configs)."""
+    cls = obj if inspect.isclass(obj) else type(obj)
+    k = KINDS[kind]
+    module = cls.__module__
+    if module.startswith(k.package + "."):
+        return module.rsplit(".", 1)[1].replace("_", "-")
+    if module.startswith("ppl_vae_user_") or module == "__main__":
+        try:
+            return f"{inspect.getfile(cls)}:{cls.__qualname__}"
+        except (TypeError, OSError):
+            return f"{module}:{cls.__qualname__}"
+    return f"{module}:{cls.__qualname__}"
+
+
+def build(spec: str | type | nn.Module, kind: str, context: dict[str, Any], args: dict[str, Any]) -> nn.Module:
+    """Instantiate a component.
+
+    ``context`` (``latent_dim``, ``data_shape``, ``num_levels``, ...) is passed for the
+    constructor parameters that accept it; ``args`` are user options, all of which must be
+    accepted. An instance is returned as it is (``args`` must then be empty).
+    """
+    if isinstance(spec, nn.Module):
+        if args:
+            raise ConfigError(f"{kind} options {sorted(args)} given with a {kind} instance")
+        return spec
+    cls = resolve(spec, kind)
+    sig = inspect.signature(cls.__init__)
+    params = {n: p for n, p in sig.parameters.items() if n != "self"}
+    accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [a for a in args if a not in params and not accepts_kwargs]
+    if unknown:
+        raise ConfigError(
+            f"{kind} {cls.__name__} has no option(s) {unknown}; it accepts "
+            f"{[n for n in params if n not in context]}"
+        )
+    kwargs = {n: v for n, v in context.items() if n in params and n not in args}
+    kwargs.update(args)
+    missing = [
+        n
+        for n, p in params.items()
+        if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in kwargs
+    ]
+    if missing:
+        raise ConfigError(f"{kind} {cls.__name__} needs option(s) {missing}")
+    return cls(**kwargs)

@@ -1,0 +1,213 @@
+r"""Run configuration: one dataclass, validated, round-tripping through TOML and JSON.
+
+``ppl-vae fit --config RUN_DIR/config.toml`` reproduces a run. Configs are data, never pickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .models.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+BINARIZE = ("auto", "none", "static", "dynamic")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class FitConfig:
+    """Everything that defines a training run. Every field has a default (digits, Gaussian VAE)."""
+
+    # data
+    data: str = "digits"
+    test_data: str | None = None
+    data_root: str | None = None
+    download: bool = False
+    binarize: str = "auto"
+    max_train: int | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    # model
+    prior: str = "gaussian"
+    prior_args: dict[str, Any] = field(default_factory=dict)
+    likelihood: str = "bernoulli"
+    likelihood_args: dict[str, Any] = field(default_factory=dict)
+    latent_dim: int = 10
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
+    network: str = "auto"
+    # objective and optimisation
+    estimator: str = "trace"
+    num_particles: int = 1
+    vectorize_particles: bool = False
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 1.0
+    warmup_epochs: float = 0.0
+    clip_norm: float | None = None
+    # evaluation
+    log_likelihood_samples: int = 1000
+    log_likelihood_chunk: int = 100
+    # execution
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check types and ranges; raise :class:`ConfigError` naming the field and the value."""
+        hints = {f.name: f.type for f in fields(self)}
+        for name in hints:
+            value = getattr(self, name)
+            _check_type(name, value, str(hints[name]))
+        if self.binarize not in BINARIZE:
+            raise ConfigError(f"`binarize` must be one of {list(BINARIZE)}, got {self.binarize!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"`device` must be one of {list(DEVICES)}, got {self.device!r}")
+        _positive(self, "latent_dim", "num_particles", "epochs", "batch_size")
+        _positive(self, "log_likelihood_samples", "log_likelihood_chunk", "lr")
+        if self.max_train is not None and self.max_train <= 0:
+            raise ConfigError(f"`max_train` must be positive, got {self.max_train}")
+        if any(h <= 0 for h in self.hidden_dims):
+            raise ConfigError(f"`hidden_dims` must be positive integers, got {self.hidden_dims}")
+        if not self.beta >= 0 or not math.isfinite(self.beta):
+            raise ConfigError(f"`beta` must be a finite number >= 0, got {self.beta}")
+        if not self.warmup_epochs >= 0 or not math.isfinite(self.warmup_epochs):
+            raise ConfigError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"`clip_norm` must be positive, got {self.clip_norm}")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise ConfigError(f"`{name}` must be in (0, 1), got {v}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                "`val_fraction` + `test_fraction` must be < 1, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+
+    # -- round trips ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> FitConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "hidden_dims" in d and isinstance(d["hidden_dims"], tuple):
+            d["hidden_dims"] = list(d["hidden_dims"])
+        for name in ("lr", "beta", "warmup_epochs", "val_fraction", "test_fraction", "clip_norm"):
+            if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
+                d[name] = float(d[name])
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_toml(self) -> str:
+        lines = ["# ppl-vae run configuration; `ppl-vae fit --config THIS_FILE` reproduces the run"]
+        for key, value in self.to_dict().items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        """Write TOML (``.toml``) or JSON (anything else), atomically."""
+        path = Path(path)
+        text = self.to_toml() if path.suffix == ".toml" else json.dumps(self.to_dict(), indent=2)
+        write_text_atomic(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FitConfig:
+        """Read a TOML or JSON config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = path.read_bytes()
+            if path.suffix == ".json":
+                d = json.loads(raw)
+            else:
+                d = tomllib.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"could not parse config file {str(path)!r}: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a table of options")
+        return cls.from_dict(d, source=str(path))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        items = [f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items() if x is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    raise ConfigError(f"cannot write {v!r} ({type(v).__name__}) to a config file")
+
+
+def _check_type(name: str, value: Any, hint: str) -> None:
+    optional = "None" in hint
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"`{name}` must be set, got None")
+    base = hint.replace(" | None", "")
+    ok = {
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "list[int]": isinstance(value, list)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+        "dict[str, Any]": isinstance(value, dict),
+    }.get(base, True)
+    if not ok:
+        raise ConfigError(f"`{name}` must be {base}, got {value!r} ({type(value).__name__})")
+
+
+def _positive(cfg: FitConfig, *names: str) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if not v > 0:
+            raise ConfigError(f"`{name}` must be positive, got {v}")

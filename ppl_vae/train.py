@@ -1,0 +1,389 @@
+r"""Training: the SVI loop behind :func:`fit` and ``ppl-vae fit``.
+
+Data live on the device as tensors and are batched by shuffled index. Each step evaluates the
+chosen estimator's differentiable loss on the Pyro model/guide pair, then Adam steps. The KL
+weight :math:`\beta \cdot \min(1, t / T_\text{warm-up})` is a ``poutine.scale`` on ``z``.
+
+Every epoch ends with the validation ELBO and an atomic checkpoint (modules, optimiser, epoch,
+history, RNG states, config), so ``resume=True`` continues to exactly the result an
+uninterrupted run gives on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .components import spec_of
+from .config import FitConfig, write_text_atomic
+from .data import Dataset, load_data
+from .estimators import make_elbo
+from .scoring import Scores, mean_elbo, score, write_scores_csv
+from .models.errors import ConfigError
+from .vae import VAE, build_vae
+
+RUN_FILES = ("config.toml", "metrics.json", "history.csv", "scores.csv", ckpt.CHECKPOINT, ckpt.PREVIOUS)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns."""
+
+    vae: VAE
+    config: FitConfig
+    dataset: Dataset
+    history: list[dict[str, float]]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+    test_scores: Scores | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Create ``out``; refuse to touch an existing run unless resuming or overwriting."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    existing = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not existing:
+            raise ConfigError(f"nothing to resume: run directory {str(out)!r} is missing or empty")
+        return
+    if existing and not overwrite:
+        raise ConfigError(
+            f"run directory {str(out)!r} already exists; pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
+    if existing:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "figures", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _is_binary(x: torch.Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def _prepare_data(
+    ds: Dataset, vae: VAE, binarize: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Resolve ``auto`` binarisation and check every split against the likelihood's support."""
+    lik = vae.likelihood
+    needs_binary = lik.support is torch.distributions.constraints.boolean
+    dynamic = binarize == "dynamic" or (
+        binarize == "auto" and needs_binary and not _is_binary(ds.train_x)
+    )
+    train, val, test = ds.train_x, ds.val_x, ds.test_x
+    for name, x in (("training data", train), ("validation data", val), ("test data", test)):
+        vae.check_input(x)
+    if dynamic:
+        if not bool(((train >= 0) & (train <= 1)).all()):
+            raise ConfigError(
+                "dynamic binarisation needs data in [0, 1], got values in "
+                f"[{float(train.min()):.4g}, {float(train.max()):.4g}]"
+            )
+        # Evaluation data are binarised once, reproducibly, from their own generator.
+        g = torch.Generator().manual_seed(seed + 1)
+        val = torch.bernoulli(val.cpu(), generator=g).to(val.device)
+        test = torch.bernoulli(test.cpu(), generator=g).to(test.device)
+    else:
+        lik.check_data(train, "training data")
+    lik.check_data(val, "validation data")
+    lik.check_data(test, "test data")
+    return train, val, test, dynamic
+
+
+def _config_with_objects(cfg: FitConfig, prior: Any, likelihood: Any) -> FitConfig:
+    d = cfg.to_dict()
+    if prior is not None:
+        d["prior"] = spec_of(prior, "prior")
+    if likelihood is not None:
+        d["likelihood"] = spec_of(likelihood, "likelihood")
+    return FitConfig.from_dict(d)
+
+
+def fit(
+    config: FitConfig | dict[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    dataset: Dataset | None = None,
+    prior: Any = None,
+    likelihood: Any = None,
+    figures: bool = True,
+    **options: Any,
+) -> FitResult:
+    r"""Train a VAE with SVI and evaluate it on the test split.
+
+    Args:
+        config: a :class:`FitConfig`, a dict of its fields, or None for the defaults;
+            keyword ``options`` override single fields (``epochs=5``, ``prior="von-mises"``).
+        out: run directory to write (config, history, checkpoints, metrics, figures);
+            None trains in memory only.
+        resume: continue the run in ``out`` from its last checkpoint (its saved config is used;
+            ``epochs`` may be raised).
+        overwrite: replace an existing run in ``out``.
+        quiet: no progress bar (it is also off when stderr is not a terminal).
+        dataset: an already-loaded :class:`~ppl_vae.data.Dataset` instead of ``config.data``.
+        prior: a prior class or instance (instead of the ``prior`` name).
+        likelihood: a likelihood class or instance (instead of the ``likelihood`` name).
+        figures: write figures to ``out/figures``.
+
+    Returns:
+        A :class:`FitResult` with the trained model, per-epoch history and test metrics.
+
+    Example:
+        >>> result = fit(epochs=2, quiet=True)  # doctest: +SKIP
+        >>> result.metrics["test_log_likelihood"] >= result.metrics["test_elbo"]  # doctest: +SKIP
+        True
+    """
+    with pyro.settings.context(module_local_params=True):
+        return _fit(config, out, resume, overwrite, quiet, dataset, prior, likelihood, figures, options)
+
+
+def _fit(
+    config: Any,
+    out: str | Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    dataset: Dataset | None,
+    prior: Any,
+    likelihood: Any,
+    figures: bool,
+    options: dict[str, Any],
+) -> FitResult:
+    run_dir = Path(out) if out is not None else None
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume=True needs the run directory `out`")
+        prepare_run_dir(run_dir, resume=True, overwrite=False)
+        saved = FitConfig.load(run_dir / "config.toml")
+        extra = {k: v for k, v in options.items() if k not in ("epochs", "device")}
+        if extra:
+            raise ConfigError(
+                f"resume uses the run's saved config; only `epochs` and `device` may change, "
+                f"got {sorted(extra)}"
+            )
+        d = saved.to_dict()
+        d.update(options)
+        cfg = FitConfig.from_dict(d)
+    else:
+        if isinstance(config, FitConfig):
+            d = config.to_dict()
+        elif isinstance(config, dict):
+            d = dict(config)
+        elif config is None:
+            d = {}
+        else:
+            raise ConfigError(f"config must be a FitConfig, a dict or None, got {type(config).__name__}")
+        d.update(options)
+        cfg = _config_with_objects(FitConfig.from_dict(d), prior, likelihood)
+
+    device = resolve_device(cfg.device)
+    pyro.set_rng_seed(cfg.seed)
+    if dataset is None:
+        dataset = load_data(
+            cfg.data,
+            test_data=cfg.test_data,
+            root=cfg.data_root,
+            download=cfg.download,
+            binarize="static" if cfg.binarize == "static" else "none",
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+            max_train=cfg.max_train,
+            seed=cfg.seed,
+        )
+    vae = build_vae(
+        dataset.data_shape,
+        prior=prior if prior is not None else cfg.prior,
+        likelihood=likelihood if likelihood is not None else cfg.likelihood,
+        latent_dim=cfg.latent_dim,
+        hidden_dims=cfg.hidden_dims,
+        network=cfg.network,
+        prior_args=cfg.prior_args if prior is None or not isinstance(prior, torch.nn.Module) else None,
+        likelihood_args=cfg.likelihood_args
+        if likelihood is None or not isinstance(likelihood, torch.nn.Module)
+        else None,
+        num_levels=dataset.num_levels,
+    )
+    elbo = make_elbo(cfg.estimator, cfg.num_particles, cfg.vectorize_particles, max_plate_nesting=1)
+    dataset = dataset.to(device)
+    vae.to(device)
+    train_x, val_x, test_x, dynamic = _prepare_data(dataset, vae, cfg.binarize, cfg.seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if run_dir is not None and not resume:
+        prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+        cfg.save(run_dir / "config.toml")
+    if resume:
+        assert run_dir is not None
+        state = ckpt.load_checkpoint(run_dir, map_location=device)
+        try:
+            vae.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ConfigError(
+                f"checkpoint in {str(run_dir)!r} does not match the model its config builds: {e}"
+            ) from None
+        ckpt.set_rng_state(state["rng"], shuffle)
+        history = [dict(h) for h in state["history"]]
+        start_epoch = int(state["epoch"])
+        if cfg.epochs != FitConfig.load(run_dir / "config.toml").epochs:
+            cfg.save(run_dir / "config.toml")
+
+    n = train_x.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    annealed = [m for m in vae.modules() if m is not vae and callable(getattr(m, "anneal", None))]
+    bar = tqdm(
+        total=total_steps,
+        initial=start_epoch * steps_per_epoch,
+        disable=quiet or not sys.stderr.isatty(),
+        desc="fit",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    train_seconds = sum(h["seconds"] for h in history)
+    vae.train()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            perm = torch.randperm(n, generator=shuffle).to(device)
+            total = train_x.new_zeros(())
+            for b in range(steps_per_epoch):
+                step = epoch * steps_per_epoch + b
+                progress = step / max(1, total_steps - 1)
+                warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+                vae.kl_scale = cfg.beta * warm
+                for m in annealed:
+                    m.anneal(progress)
+                x = train_x[perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+                if dynamic:
+                    x = torch.bernoulli(x)
+                optimizer.zero_grad(set_to_none=True)
+                loss = elbo.differentiable_loss(vae.model, vae.guide, x)
+                value = loss.detach()
+                if not bool(torch.isfinite(value)):
+                    where = (
+                        f"the last good checkpoint (epoch {epoch}) is in {str(run_dir)!r}"
+                        if run_dir is not None and epoch > 0
+                        else "no checkpoint was written"
+                    )
+                    raise TrainingError(
+                        f"non-finite loss ({float(value)}) at epoch {epoch + 1}, batch {b + 1} of "
+                        f"{steps_per_epoch}; {where}. Try a lower --lr or --clip-norm."
+                    )
+                loss.backward()
+                if cfg.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.clip_norm)
+                optimizer.step()
+                total = total + value
+                bar.update(1)
+            vae.kl_scale = 1.0
+            val_elbo = mean_elbo(vae, val_x)
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            row = {
+                "epoch": float(epoch + 1),
+                "train_loss": float(total) / n,
+                "val_elbo": val_elbo,
+                "kl_scale": cfg.beta * (min(1.0, (epoch + 1) * steps_per_epoch / warmup_steps) if warmup_steps > 0 else 1.0),
+                "seconds": seconds,
+            }
+            history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.2f}", val_elbo=f"{val_elbo:.2f}")
+            if run_dir is not None:
+                ckpt.save_checkpoint(
+                    run_dir,
+                    {
+                        "model": vae.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "rng": ckpt.rng_state(shuffle),
+                        "config": cfg.to_dict(),
+                    },
+                )
+                write_history_csv(run_dir / "history.csv", history)
+    finally:
+        bar.close()
+    vae.kl_scale = 1.0
+
+    scores = score(
+        vae, test_x, num_samples=cfg.log_likelihood_samples, chunk_size=cfg.log_likelihood_chunk
+    )
+    summary = scores.summary()
+    metrics: dict[str, Any] = {
+        "test_elbo": summary["elbo"],
+        "test_log_likelihood": summary["log_likelihood"],
+        "test_log_likelihood_se": summary["log_likelihood_se"],
+        "log_likelihood_samples": cfg.log_likelihood_samples,
+        "units": "nats per data point",
+        "epochs": cfg.epochs,
+        "train_seconds": train_seconds,
+        "final_val_elbo": history[-1]["val_elbo"] if history else float("nan"),
+        "best_val_elbo": max(h["val_elbo"] for h in history) if history else float("nan"),
+        "best_epoch": int(max(history, key=lambda h: h["val_elbo"])["epoch"]) if history else 0,
+        "prior": cfg.prior,
+        "likelihood": cfg.likelihood,
+        "estimator": cfg.estimator,
+        "latent_dim": cfg.latent_dim,
+        "binarization": "dynamic" if dynamic else ("static" if cfg.binarize == "static" else "none"),
+        "num_parameters": sum(p.numel() for p in vae.parameters()),
+        "device": str(device),
+        "data": dataset.describe(),
+    }
+    result = FitResult(vae, cfg, dataset, history, metrics, run_dir, scores)
+    if run_dir is not None:
+        write_metrics(run_dir, metrics)
+        write_scores_csv(run_dir / "scores.csv", scores, dataset.test_y)
+        if figures:
+            from .figures import write_figures
+
+            metrics["figures"] = [p.name for p in write_figures(result, test_x)]
+            write_metrics(run_dir, metrics)
+    return result
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    cols = list(history[0])
+    lines = [",".join(cols)]
+    for h in history:
+        lines.append(",".join(f"{h[c]:.6g}" if c != "epoch" else str(int(h[c])) for c in cols))
+    write_text_atomic(path, "\n".join(lines) + "\n")

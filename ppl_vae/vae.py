@@ -1,0 +1,178 @@
+r"""The VAE as a Pyro model/guide pair.
+
+.. math:: p_\theta(x, z) = p(z)\, p_\theta(x \mid z), \qquad q_\phi(z \mid x)
+
+``model(x)`` and ``guide(x)`` are ordinary Pyro programs with a ``pyro.plate("data")`` over the
+batch (dim -1) and sample sites ``"z"`` and ``"x"``, so every Pyro tool (``Predictive``, poutine
+handlers, every ELBO) works on them unchanged. The KL weight (beta, warm-up) is a
+``poutine.scale`` on the ``"z"`` site in both programs.
+
+The assembly knows no particular prior, likelihood or network: it only uses their contracts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule
+
+from .components import build as build_component
+from .guides.encoders import ConvEncoder, Encoder, MLPEncoder
+from .models.decoders import ConvDecoder, MLPDecoder
+from .models.errors import ConfigError
+from .models.likelihoods.base import Likelihood
+from .models.priors.base import Prior
+
+NETWORKS = ("auto", "mlp", "conv")
+
+
+class VAE(PyroModule):
+    r"""Variational autoencoder: prior, likelihood, decoder (generative) and encoder (inference).
+
+    Args:
+        prior: :math:`p(z)`, a :class:`~ppl_vae.models.priors.base.Prior`.
+        likelihood: :math:`p(x \mid \eta)`, a :class:`~ppl_vae.models.likelihoods.base.Likelihood`.
+        encoder: returns :math:`q(z \mid x)`.
+        decoder: maps ``prior.embed(z)`` to the likelihood's parameters.
+
+    Attributes:
+        kl_scale: weight of the ``z`` site (beta times the warm-up factor); 1 is the ELBO.
+    """
+
+    def __init__(
+        self, prior: Prior, likelihood: Likelihood, encoder: Encoder, decoder: torch.nn.Module
+    ) -> None:
+        super().__init__()
+        self.prior = prior
+        self.likelihood = likelihood
+        self.encoder = encoder
+        self.decoder = decoder
+        self.kl_scale = 1.0
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return self.likelihood.data_shape
+
+    @property
+    def latent_dim(self) -> int:
+        return self.prior.latent_dim
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Reject data whose per-point shape is not the one the networks were built for."""
+        n = len(self.data_shape)
+        if x.dim() != n + 1 or tuple(x.shape[1:]) != self.data_shape:
+            raise ConfigError(
+                f"data has shape {tuple(x.shape)} but the model was built for "
+                f"(N, {', '.join(map(str, self.data_shape))})"
+            )
+
+    # -- the Pyro programs -----------------------------------------------------------------
+    def model(self, x: torch.Tensor) -> torch.Tensor:
+        r"""``z ~ p(z)``, ``x ~ p(x | decoder(embed(z)))`` inside ``plate("data")``."""
+        with pyro.plate("data", x.shape[0], dim=-1):
+            with poutine.scale(scale=self.kl_scale):
+                z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.likelihood(self.decoder(self.prior.embed(z))), obs=x)
+        return z
+
+    def guide(self, x: torch.Tensor) -> torch.Tensor:
+        r"""``z ~ q(z | x)`` inside the same ``plate("data")``."""
+        with pyro.plate("data", x.shape[0], dim=-1):
+            q = self.encoder(x)
+            with poutine.scale(scale=self.kl_scale):
+                return pyro.sample("z", q)
+
+    # -- conveniences (no Pyro state) ------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x), batch shape ``(N,)``."""
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x | z) for codes ``(..., D)``."""
+        return self.likelihood(self.decoder(self.prior.embed(z)))
+
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x | z], the likelihood's mean (used for figures)."""
+        return self.likelihood.mean(self.decoder(self.prior.embed(z)))
+
+    def posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """A point summary of q(z|x): its mean where defined, else a sample."""
+        q = self.encode(x)
+        try:
+            return q.mean
+        except NotImplementedError:
+            return q.sample()
+
+    @torch.no_grad()
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` codes from the prior; return ``(z, E[x | z])``."""
+        z = self.prior().sample((n,))
+        return z, self.decode_mean(z)
+
+
+def choose_network(network: str, data_shape: tuple[int, ...]) -> str:
+    """``auto`` picks the convolutional networks for images of at least 16x16, else the MLP."""
+    if network not in NETWORKS:
+        raise ConfigError(f"Unknown network {network!r}; expected one of {list(NETWORKS)}")
+    if network == "auto":
+        big_image = len(data_shape) == 3 and data_shape[1] >= 16 and data_shape[2] >= 16
+        return "conv" if big_image and data_shape[1] % 4 == 0 and data_shape[2] % 4 == 0 else "mlp"
+    return network
+
+
+def build_vae(
+    data_shape: Sequence[int],
+    *,
+    prior: Any = "gaussian",
+    likelihood: Any = "bernoulli",
+    latent_dim: int = 10,
+    hidden_dims: Sequence[int] = (256, 128),
+    network: str = "auto",
+    prior_args: dict[str, Any] | None = None,
+    likelihood_args: dict[str, Any] | None = None,
+    num_levels: int | None = None,
+) -> VAE:
+    """Assemble a :class:`VAE` from component specs, sized from the data shape and latent size.
+
+    Args:
+        data_shape: ``(D,)`` or ``(C, H, W)``.
+        prior: a prior name (``"gaussian"``), ``"file.py:Class"``, a class or an instance.
+        likelihood: likewise for the likelihood.
+        latent_dim: D of z (ignored for a prior instance, which has its own).
+        hidden_dims: hidden widths of encoder and decoder (mirrored in the decoder); ``()`` gives
+            linear maps.
+        network: ``"mlp"``, ``"conv"`` or ``"auto"``.
+        prior_args: options for the prior's constructor.
+        likelihood_args: options for the likelihood's constructor.
+        num_levels: quantisation levels of the data, offered to likelihoods that take it.
+    """
+    data_shape = tuple(int(s) for s in data_shape)
+    hidden = tuple(int(h) for h in hidden_dims)
+    p = build_component(prior, "prior", {"latent_dim": latent_dim}, dict(prior_args or {}))
+    p.validate()
+    lik = build_component(
+        likelihood,
+        "likelihood",
+        {"data_shape": data_shape, "num_levels": num_levels},
+        dict(likelihood_args or {}),
+    )
+    if tuple(lik.data_shape) != data_shape:
+        raise ConfigError(
+            f"likelihood built for data shape {tuple(lik.data_shape)} but the data has {data_shape}"
+        )
+    family = p.guide_family()
+    kind = choose_network(network, data_shape)
+    if kind == "conv":
+        enc: Encoder = ConvEncoder(data_shape, p.latent_dim, family, hidden)
+        dec: torch.nn.Module = ConvDecoder(
+            p.embed_dim, data_shape, lik.params_per_element, hidden[::-1]
+        )
+    else:
+        enc = MLPEncoder(data_shape, p.latent_dim, family, hidden)
+        dec = MLPDecoder(p.embed_dim, data_shape, lik.params_per_element, hidden[::-1])
+    return VAE(p, lik, enc, dec)
