@@ -16,6 +16,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from .components import spec_of
 from .config import FitConfig, write_text_atomic
 from .data import Dataset, load_data
 from .estimators import make_elbo
+from .fastpath import build_loss
 from .scoring import Scores, mean_elbo, score, write_scores_csv
 from .models.errors import ConfigError
 from .vae import VAE, build_vae
@@ -136,6 +138,7 @@ def fit(
     prior: Any = None,
     likelihood: Any = None,
     figures: bool = True,
+    on_epoch_end: Callable[[int, VAE, list[dict[str, float]]], None] | None = None,
     **options: Any,
 ) -> FitResult:
     r"""Train a VAE with SVI and evaluate it on the test split.
@@ -153,6 +156,8 @@ def fit(
         prior: a prior class or instance (instead of the ``prior`` name).
         likelihood: a likelihood class or instance (instead of the ``likelihood`` name).
         figures: write figures to ``out/figures``.
+        on_epoch_end: called as ``on_epoch_end(epoch, vae, history)`` after each epoch's
+            validation (``epoch`` counts from 1); e.g. to measure gradient statistics.
 
     Returns:
         A :class:`FitResult` with the trained model, per-epoch history and test metrics.
@@ -163,7 +168,10 @@ def fit(
         True
     """
     with pyro.settings.context(module_local_params=True):
-        return _fit(config, out, resume, overwrite, quiet, dataset, prior, likelihood, figures, options)
+        return _fit(
+            config, out, resume, overwrite, quiet, dataset, prior, likelihood, figures,
+            on_epoch_end, options,
+        )
 
 
 def _fit(
@@ -176,6 +184,7 @@ def _fit(
     prior: Any,
     likelihood: Any,
     figures: bool,
+    on_epoch_end: Callable[[int, VAE, list[dict[str, float]]], None] | None,
     options: dict[str, Any],
 ) -> FitResult:
     run_dir = Path(out) if out is not None else None
@@ -237,6 +246,7 @@ def _fit(
     vae.to(device)
     train_x, val_x, test_x, dynamic = _prepare_data(dataset, vae, cfg.binarize, cfg.seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    step_loss = build_loss(elbo, vae)
     shuffle = torch.Generator().manual_seed(cfg.seed)
 
     history: list[dict[str, float]] = []
@@ -291,7 +301,7 @@ def _fit(
                 if dynamic:
                     x = torch.bernoulli(x)
                 optimizer.zero_grad(set_to_none=True)
-                loss = elbo.differentiable_loss(vae.model, vae.guide, x)
+                loss = step_loss(x)
                 value = loss.detach()
                 if not bool(torch.isfinite(value)):
                     where = (
@@ -322,6 +332,8 @@ def _fit(
             }
             history.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.2f}", val_elbo=f"{val_elbo:.2f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, vae, history)
             if run_dir is not None:
                 ckpt.save_checkpoint(
                     run_dir,
