@@ -12,9 +12,9 @@ Example:
 from .config import FitConfig
 from .data import Dataset, load_data
 from .estimators import estimator_names, make_elbo
-from .scoring import score
 from .models.errors import ConfigError
 from .runs import Run, evaluate, load_run
+from .scoring import score
 from .train import FitResult, TrainingError, fit
 from .vae import VAE, build_vae
 

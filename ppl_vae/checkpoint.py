@@ -30,7 +30,7 @@ PREVIOUS = "checkpoint.prev.pt"
 
 def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     """All random number generator states as tensors and plain Python values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 - saving the legacy global state
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {
@@ -52,8 +52,14 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
     """Restore the states saved by :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(  # noqa: NPY002 - restoring the legacy global state
+        (
+            "MT19937",
+            n["key"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
     )
     random.setstate(_to_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -104,7 +110,8 @@ def _load(path: Path, map_location: Any) -> dict[str, Any]:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
         raise ConfigError(
-            f"checkpoint {str(path)!r} is truncated or corrupted ({type(e).__name__}: {e})"
+            f"checkpoint {str(path)!r} is truncated or corrupted "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise ConfigError(f"checkpoint {str(path)!r} is not a ppl-vae checkpoint")

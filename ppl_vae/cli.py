@@ -64,33 +64,86 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
     d = FitConfig()
     g = p.add_argument_group("data")
-    g.add_argument("--data", help=f"'digits', 'mnist', 'fashion-mnist', 'svhn' or a .npy/.npz file (default {d.data})")
+    g.add_argument(
+        "--data",
+        help=f"'digits', 'mnist', 'fashion-mnist', 'svhn' or a .npy/.npz file (default {d.data})",
+    )
     g.add_argument("--test-data", help="a fixed test file (default: split off the data by seed)")
-    g.add_argument("--data-root", help="where torchvision data sets live (default $PPL_VAE_DATA or ~/.cache/ppl_vae)")
-    g.add_argument("--download", action="store_true", default=None, help="allow downloading mnist/fashion-mnist/svhn (needs internet)")
-    g.add_argument("--binarize", choices=("auto", "none", "static", "dynamic"), help=f"binarise pixels (default {d.binarize}: dynamic when the likelihood needs binary data)")
+    g.add_argument(
+        "--data-root",
+        help="where torchvision data sets live (default $PPL_VAE_DATA or ~/.cache/ppl_vae)",
+    )
+    g.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="allow downloading mnist/fashion-mnist/svhn (needs internet)",
+    )
+    g.add_argument(
+        "--binarize",
+        choices=("auto", "none", "static", "dynamic"),
+        help=f"binarise pixels (default {d.binarize}: dynamic when the likelihood needs binary data)",
+    )
     g.add_argument("--max-train", type=int, help="use at most this many training points")
     g = p.add_argument_group("model")
-    g.add_argument("--prior", help=f"prior name, 'file.py:Class' or 'package.module:Class' (default {d.prior}); a file is imported, i.e. its code runs")
-    g.add_argument("--prior-arg", action="append", metavar="KEY=VALUE", help="prior option, repeatable (e.g. concentration=2.0)")
-    g.add_argument("--likelihood", help=f"likelihood name or 'file.py:Class' (default {d.likelihood})")
-    g.add_argument("--likelihood-arg", action="append", metavar="KEY=VALUE", help="likelihood option, repeatable (e.g. scale=fixed)")
+    g.add_argument(
+        "--prior",
+        help=f"prior name, 'file.py:Class' or 'package.module:Class' (default {d.prior}); a file is imported, i.e. its code runs",
+    )
+    g.add_argument(
+        "--prior-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="prior option, repeatable (e.g. concentration=2.0)",
+    )
+    g.add_argument(
+        "--likelihood", help=f"likelihood name or 'file.py:Class' (default {d.likelihood})"
+    )
+    g.add_argument(
+        "--likelihood-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="likelihood option, repeatable (e.g. scale=fixed)",
+    )
     g.add_argument("--latent-dim", type=int, help=f"latent dimensions (default {d.latent_dim})")
-    g.add_argument("--hidden-dims", type=_int_list, help="hidden widths, comma list; empty gives linear maps (default 256,128)")
-    g.add_argument("--network", choices=("auto", "mlp", "conv"), help=f"network type (default {d.network})")
+    g.add_argument(
+        "--hidden-dims",
+        type=_int_list,
+        help="hidden widths, comma list; empty gives linear maps (default 256,128)",
+    )
+    g.add_argument(
+        "--network", choices=("auto", "mlp", "conv"), help=f"network type (default {d.network})"
+    )
     g = p.add_argument_group("objective and optimisation")
-    g.add_argument("--estimator", help=f"ELBO estimator, e.g. trace, meanfield, tracegraph, iwae:5, renyi:0.5 (default {d.estimator})")
-    g.add_argument("--num-particles", type=int, help=f"particles per step (default {d.num_particles})")
-    g.add_argument("--vectorize-particles", action="store_true", default=None, help="vectorise the particles")
+    g.add_argument(
+        "--estimator",
+        help=f"ELBO estimator, e.g. trace, meanfield, tracegraph, iwae:5, renyi:0.5 (default {d.estimator})",
+    )
+    g.add_argument(
+        "--num-particles", type=int, help=f"particles per step (default {d.num_particles})"
+    )
+    g.add_argument(
+        "--vectorize-particles", action="store_true", default=None, help="vectorise the particles"
+    )
     g.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"mini-batch size (default {d.batch_size})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--beta", type=float, help=f"KL weight (default {d.beta})")
-    g.add_argument("--warmup-epochs", type=float, help="linear KL warm-up from 0 to beta over this many epochs (default 0)")
+    g.add_argument(
+        "--warmup-epochs",
+        type=float,
+        help="linear KL warm-up from 0 to beta over this many epochs (default 0)",
+    )
     g.add_argument("--clip-norm", type=float, help="clip the gradient norm (default off)")
     g = p.add_argument_group("evaluation and execution")
-    g.add_argument("--log-likelihood-samples", type=int, help=f"importance samples K for the test log-likelihood (default {d.log_likelihood_samples})")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default auto: cuda if available)")
+    g.add_argument(
+        "--log-likelihood-samples",
+        type=int,
+        help=f"importance samples K for the test log-likelihood (default {d.log_likelihood_samples})",
+    )
+    g.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="device (default auto: cuda if available)"
+    )
     g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
 
 
@@ -119,7 +172,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     given = _config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("fit-%Y%m%d-%H%M%S")
     if args.resume:
-        result = fit(out=out, resume=True, quiet=args.quiet, **{k: v for k, v in given.items() if k in ("epochs", "device")})
+        result = fit(
+            out=out,
+            resume=True,
+            quiet=args.quiet,
+            **{k: v for k, v in given.items() if k in ("epochs", "device")},
+        )
     else:
         base = FitConfig.load(args.config).to_dict() if args.config else {}
         base.update(given)
@@ -159,7 +217,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, device=args.device)
     pyro.set_rng_seed(args.seed)
     with torch.no_grad():
-        z, x = run.vae.sample(args.n)
+        _, x = run.vae.sample(args.n)
     out = Path(args.out) if args.out else run.run_dir / f"samples_n{args.n}.npy"
     if out.suffix != ".npy":
         raise ConfigError(f"--out must be a .npy file, got {str(out)!r}")
@@ -188,11 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ppl-vae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("fit", help="train a VAE and write a run directory", description="Train a VAE with SVI; every option has a default (digits, Gaussian prior, Bernoulli likelihood).")
+    p = sub.add_parser(
+        "fit",
+        help="train a VAE and write a run directory",
+        description="Train a VAE with SVI; every option has a default (digits, Gaussian prior, Bernoulli likelihood).",
+    )
     p.add_argument("--config", help="a config.toml/.json to start from (flags override it)")
     _add_model_options(p)
     p.add_argument("--out", help="run directory (default runs/fit-TIMESTAMP)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fit)
@@ -207,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from a trained run's prior and decoder")
     p.add_argument("run_dir", help="a run directory written by `ppl-vae fit`")
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--out", help="a .npy file (default RUN_DIR/samples_nN.npy; a .png is written beside it)")
+    p.add_argument(
+        "--out", help="a .npy file (default RUN_DIR/samples_nN.npy; a .png is written beside it)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

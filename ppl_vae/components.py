@@ -120,7 +120,9 @@ def resolve(spec: str | type, kind: str) -> type:
             try:
                 module = importlib.import_module(target)
             except ImportError as e:
-                raise ConfigError(f"cannot import module {target!r} for {kind} {spec!r}: {e}") from e
+                raise ConfigError(
+                    f"cannot import module {target!r} for {kind} {spec!r}: {e}"
+                ) from e
         if not hasattr(module, cls_name):
             raise ConfigError(f"{target!r} has no class {cls_name!r} (for {kind} {spec!r})")
         cls = getattr(module, cls_name)
@@ -155,7 +157,9 @@ def spec_of(obj: Any, kind: str) -> str:
     return f"{module}:{cls.__qualname__}"
 
 
-def build(spec: str | type | nn.Module, kind: str, context: dict[str, Any], args: dict[str, Any]) -> nn.Module:
+def build(
+    spec: str | type | nn.Module, kind: str, context: dict[str, Any], args: dict[str, Any]
+) -> nn.Module:
     """Instantiate a component.
 
     ``context`` (``latent_dim``, ``data_shape``, ``num_levels``, ...) is passed for the
@@ -181,7 +185,9 @@ def build(spec: str | type | nn.Module, kind: str, context: dict[str, Any], args
     missing = [
         n
         for n, p in params.items()
-        if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in kwargs
+        if p.default is p.empty
+        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        and n not in kwargs
     ]
     if missing:
         raise ConfigError(f"{kind} {cls.__name__} needs option(s) {missing}")

@@ -82,8 +82,8 @@ class FitConfig:
             raise ConfigError(f"`max_train` must be positive, got {self.max_train}")
         if any(h <= 0 for h in self.hidden_dims):
             raise ConfigError(f"`hidden_dims` must be positive integers, got {self.hidden_dims}")
-        if not self.beta >= 0 or not math.isfinite(self.beta):
-            raise ConfigError(f"`beta` must be a finite number >= 0, got {self.beta}")
+        if not self.beta > 0 or not math.isfinite(self.beta):
+            raise ConfigError(f"`beta` must be a finite number > 0, got {self.beta}")
         if not self.warmup_epochs >= 0 or not math.isfinite(self.warmup_epochs):
             raise ConfigError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
         if self.clip_norm is not None and not self.clip_norm > 0:

@@ -140,6 +140,9 @@ def write_figures(result: Any, test_x: torch.Tensor, n: int = 10) -> list[Path]:
                 ["test point 0 -> test point 1"],
             )
         )
-    paths += [Path(p) for p in vae.prior.figures(z.cpu(), labels.cpu() if labels is not None else None, fig_dir)]
+    paths += [
+        Path(p)
+        for p in vae.prior.figures(z.cpu(), labels.cpu() if labels is not None else None, fig_dir)
+    ]
     vae.train(was_training)
     return paths

@@ -13,8 +13,8 @@ import torch
 from . import checkpoint as ckpt
 from .config import FitConfig, write_text_atomic
 from .data import Dataset, load_data
-from .scoring import Scores, score, write_scores_csv
 from .models.errors import ConfigError
+from .scoring import Scores, score, write_scores_csv
 from .train import _prepare_data, resolve_device
 from .vae import VAE, build_vae
 

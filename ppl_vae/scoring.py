@@ -120,7 +120,10 @@ def mean_elbo(vae: Any, x: torch.Tensor, batch_size: int = 512) -> float:
 
 
 def write_scores_csv(
-    path: Path, scores: Scores, labels: torch.Tensor | None = None, extra: dict[str, Any] | None = None
+    path: Path,
+    scores: Scores,
+    labels: torch.Tensor | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Per-point scores: ``index,label,elbo,log_likelihood`` (higher = more typical)."""
     from .config import write_text_atomic

@@ -31,11 +31,18 @@ from .config import FitConfig, write_text_atomic
 from .data import Dataset, load_data
 from .estimators import make_elbo
 from .fastpath import build_loss
-from .scoring import Scores, mean_elbo, score, write_scores_csv
 from .models.errors import ConfigError
+from .scoring import Scores, mean_elbo, score, write_scores_csv
 from .vae import VAE, build_vae
 
-RUN_FILES = ("config.toml", "metrics.json", "history.csv", "scores.csv", ckpt.CHECKPOINT, ckpt.PREVIOUS)
+RUN_FILES = (
+    "config.toml",
+    "metrics.json",
+    "history.csv",
+    "scores.csv",
+    ckpt.CHECKPOINT,
+    ckpt.PREVIOUS,
+)
 
 
 class TrainingError(RuntimeError):
@@ -99,7 +106,7 @@ def _prepare_data(
         binarize == "auto" and needs_binary and not _is_binary(ds.train_x)
     )
     train, val, test = ds.train_x, ds.val_x, ds.test_x
-    for name, x in (("training data", train), ("validation data", val), ("test data", test)):
+    for x in (train, val, test):
         vae.check_input(x)
     if dynamic:
         if not bool(((train >= 0) & (train <= 1)).all()):
@@ -169,8 +176,17 @@ def fit(
     """
     with pyro.settings.context(module_local_params=True):
         return _fit(
-            config, out, resume, overwrite, quiet, dataset, prior, likelihood, figures,
-            on_epoch_end, options,
+            config,
+            out,
+            resume,
+            overwrite,
+            quiet,
+            dataset,
+            prior,
+            likelihood,
+            figures,
+            on_epoch_end,
+            options,
         )
 
 
@@ -210,7 +226,9 @@ def _fit(
         elif config is None:
             d = {}
         else:
-            raise ConfigError(f"config must be a FitConfig, a dict or None, got {type(config).__name__}")
+            raise ConfigError(
+                f"config must be a FitConfig, a dict or None, got {type(config).__name__}"
+            )
         d.update(options)
         cfg = _config_with_objects(FitConfig.from_dict(d), prior, likelihood)
 
@@ -235,7 +253,9 @@ def _fit(
         latent_dim=cfg.latent_dim,
         hidden_dims=cfg.hidden_dims,
         network=cfg.network,
-        prior_args=cfg.prior_args if prior is None or not isinstance(prior, torch.nn.Module) else None,
+        prior_args=cfg.prior_args
+        if prior is None or not isinstance(prior, torch.nn.Module)
+        else None,
         likelihood_args=cfg.likelihood_args
         if likelihood is None or not isinstance(likelihood, torch.nn.Module)
         else None,
@@ -293,7 +313,7 @@ def _fit(
             for b in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + b
                 progress = step / max(1, total_steps - 1)
-                warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+                warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
                 vae.kl_scale = cfg.beta * warm
                 for m in annealed:
                     m.anneal(progress)
@@ -301,17 +321,25 @@ def _fit(
                 if dynamic:
                     x = torch.bernoulli(x)
                 optimizer.zero_grad(set_to_none=True)
-                loss = step_loss(x)
+                try:
+                    loss = step_loss(x)
+                except ValueError as e:
+                    # Distribution validation rejects NaN/inf parameters before the loss is
+                    # formed: the same fault as a non-finite loss, reported the same way.
+                    if "invalid values" not in str(e):
+                        raise
+                    raise TrainingError(
+                        _nonfinite_message(
+                            "non-finite distribution parameters", epoch, b, steps_per_epoch, run_dir
+                        )
+                        + f" ({str(e).splitlines()[0]})"
+                    ) from None
                 value = loss.detach()
                 if not bool(torch.isfinite(value)):
-                    where = (
-                        f"the last good checkpoint (epoch {epoch}) is in {str(run_dir)!r}"
-                        if run_dir is not None and epoch > 0
-                        else "no checkpoint was written"
-                    )
                     raise TrainingError(
-                        f"non-finite loss ({float(value)}) at epoch {epoch + 1}, batch {b + 1} of "
-                        f"{steps_per_epoch}; {where}. Try a lower --lr or --clip-norm."
+                        _nonfinite_message(
+                            f"non-finite loss ({float(value)})", epoch, b, steps_per_epoch, run_dir
+                        )
                     )
                 loss.backward()
                 if cfg.clip_norm is not None:
@@ -327,7 +355,12 @@ def _fit(
                 "epoch": float(epoch + 1),
                 "train_loss": float(total) / n,
                 "val_elbo": val_elbo,
-                "kl_scale": cfg.beta * (min(1.0, (epoch + 1) * steps_per_epoch / warmup_steps) if warmup_steps > 0 else 1.0),
+                "kl_scale": cfg.beta
+                * (
+                    min(1.0, (epoch + 1) * steps_per_epoch / warmup_steps)
+                    if warmup_steps > 0
+                    else 1.0
+                ),
                 "seconds": seconds,
             }
             history.append(row)
@@ -370,7 +403,9 @@ def _fit(
         "likelihood": cfg.likelihood,
         "estimator": cfg.estimator,
         "latent_dim": cfg.latent_dim,
-        "binarization": "dynamic" if dynamic else ("static" if cfg.binarize == "static" else "none"),
+        "binarization": "dynamic"
+        if dynamic
+        else ("static" if cfg.binarize == "static" else "none"),
         "num_parameters": sum(p.numel() for p in vae.parameters()),
         "device": str(device),
         "data": dataset.describe(),
@@ -385,6 +420,18 @@ def _fit(
             metrics["figures"] = [p.name for p in write_figures(result, test_x)]
             write_metrics(run_dir, metrics)
     return result
+
+
+def _nonfinite_message(what: str, epoch: int, batch: int, steps: int, run_dir: Path | None) -> str:
+    where = (
+        f"the last good checkpoint (epoch {epoch}) is in {str(run_dir)!r}"
+        if run_dir is not None and epoch > 0
+        else "no checkpoint was written"
+    )
+    return (
+        f"{what} at epoch {epoch + 1}, batch {batch + 1} of {steps}; {where}. "
+        "Try a lower --lr or --clip-norm."
+    )
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from ppl_vae.models.priors.base import Prior
 from ppl_vae.models.priors.gaussian import GaussianPrior
 
 LAPLACE = textwrap.dedent(
-    '''
+    """
     import pyro.distributions as dist
     import torch
     from ppl_vae.models.priors.base import Prior
@@ -24,7 +24,7 @@ LAPLACE = textwrap.dedent(
 
         def forward(self):
             return dist.Laplace(torch.zeros_like(self.scale), self.scale).to_event(1)
-    '''
+    """
 )
 
 
@@ -36,7 +36,9 @@ def test_names_resolve_to_the_single_subclass_of_the_module():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"Unknown prior 'gausian'; expected one of \[.*'gaussian'"):
+    with pytest.raises(
+        ConfigError, match=r"Unknown prior 'gausian'; expected one of \[.*'gaussian'"
+    ):
         resolve("gausian", "prior")
 
 
@@ -68,15 +70,14 @@ def test_bad_specs(spec, message):
 def test_user_file_that_fails_to_import(tmp_path):
     path = tmp_path / "broken.py"
     path.write_text("raise RuntimeError('boom')\n")
-    with pytest.raises(ConfigError, match="importing .* failed: RuntimeError: boom"):
+    with pytest.raises(ConfigError, match=r"importing .* failed: RuntimeError: boom"):
         resolve(f"{path}:X", "prior")
 
 
 def test_prior_without_forward_fails_at_construction(tmp_path):
     path = tmp_path / "noforward.py"
     path.write_text(
-        "from ppl_vae.models.priors.base import Prior\n"
-        "class NoForwardPrior(Prior):\n    pass\n"
+        "from ppl_vae.models.priors.base import Prior\nclass NoForwardPrior(Prior):\n    pass\n"
     )
     with pytest.raises(ConfigError, match="must define forward"):
         build(f"{path}:NoForwardPrior", "prior", {"latent_dim": 2}, {})

@@ -83,7 +83,7 @@ def test_log_likelihood_improves_with_k_and_bounds_the_elbo():
 
 
 def test_k_one_log_likelihood_equals_the_elbo_sample():
-    vae, W, b = linear_gaussian_vae(exact_posterior_mean=False)
+    vae, _, _ = linear_gaussian_vae(exact_posterior_mean=False)
     s = score(vae, torch.randn(8, 4, dtype=torch.float64), num_samples=1, chunk_size=1)
     assert torch.allclose(s.elbo, s.log_likelihood)
 

@@ -17,7 +17,9 @@ SHAPES = [((64,), "mlp"), ((1, 28, 28), "mlp"), ((1, 28, 28), "conv"), ((3, 32, 
 
 @pytest.mark.parametrize(("data_shape", "network"), SHAPES)
 def test_model_and_guide_sites_and_shapes(data_shape, network, device):
-    vae = build_vae(data_shape, likelihood="normal", latent_dim=3, hidden_dims=(16,), network=network)
+    vae = build_vae(
+        data_shape, likelihood="normal", latent_dim=3, hidden_dims=(16,), network=network
+    )
     vae.to(device)
     x = torch.rand(5, *data_shape, device=device)
     guide_tr = poutine.trace(vae.guide).get_trace(x)
@@ -34,7 +36,9 @@ def test_model_and_guide_sites_and_shapes(data_shape, network, device):
 
 
 def test_vectorized_particles_shapes():
-    vae = build_vae((1, 28, 28), likelihood="normal", latent_dim=2, hidden_dims=(8,), network="conv")
+    vae = build_vae(
+        (1, 28, 28), likelihood="normal", latent_dim=2, hidden_dims=(8,), network="conv"
+    )
     x = torch.rand(4, 1, 28, 28)
     elbo = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
     loss = elbo.differentiable_loss(vae.model, vae.guide, x)
@@ -58,13 +62,20 @@ def test_guide_family_mirrors_the_prior():
 
 def test_state_dict_holds_every_parameter():
     vae = build_vae(
-        (64,), likelihood="normal", prior_args={"learn_loc": True, "learn_scale": True}, hidden_dims=(8,)
+        (64,),
+        likelihood="normal",
+        prior_args={"learn_loc": True, "learn_scale": True},
+        hidden_dims=(8,),
     )
     names = set(vae.state_dict())
     assert any(n.startswith("prior.loc") for n in names)
     assert any(n.startswith("likelihood.scale") for n in names)
     n_params = sum(p.numel() for p in vae.parameters())
-    assert n_params == sum(v.numel() for k, v in vae.state_dict().items() if "unconstrained" in k or k.endswith(("weight", "bias")))
+    assert n_params == sum(
+        v.numel()
+        for k, v in vae.state_dict().items()
+        if "unconstrained" in k or k.endswith(("weight", "bias"))
+    )
 
 
 def test_kl_scale_scales_the_z_site_in_model_and_guide():
@@ -126,5 +137,7 @@ def test_vae_moves_with_one_to(device):
     vae = build_vae((64,), latent_dim=2, hidden_dims=(8,)).to(device)
     assert {p.device.type for p in vae.parameters()} == {device.type}
     assert {b.device.type for b in vae.buffers()} == {device.type}
-    loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, torch.rand(3, 64, device=device).round())
+    loss = Trace_ELBO().differentiable_loss(
+        vae.model, vae.guide, torch.rand(3, 64, device=device).round()
+    )
     assert loss.device.type == device.type

@@ -28,7 +28,11 @@ from ..errors import ConfigError
 RAW_CLAMP = 15.0
 
 # Of two alternative parameterisations, the encoder emits the first one listed.
-_PREFERRED_OVER = {"probs": "logits", "covariance_matrix": "scale_tril", "precision_matrix": "scale_tril"}
+_PREFERRED_OVER = {
+    "probs": "logits",
+    "covariance_matrix": "scale_tril",
+    "precision_matrix": "scale_tril",
+}
 
 
 def base_distribution(d: dist.Distribution) -> dist.Distribution:
@@ -84,7 +88,7 @@ class VariationalFamily(nn.Module):
         """Return q(z | x) with batch shape ``params[...].shape[:-1]`` and event shape ``(D,)``."""
         raise NotImplementedError
 
-    def anneal(self, progress: float) -> None:  # noqa: B027 - optional hook
+    def anneal(self, progress: float) -> None:
         """Optional hook called by the trainer with training progress in [0, 1]."""
 
 

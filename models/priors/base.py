@@ -72,9 +72,7 @@ class Prior(PyroModule):
         """Codes on the path from ``z0`` to ``z1`` (both ``(D,)``) at times ``t`` ``(T,)``."""
         return z0 + t[:, None] * (z1 - z0)
 
-    def figures(
-        self, z: torch.Tensor, labels: torch.Tensor | None, fig_dir: Path
-    ) -> list[Path]:
+    def figures(self, z: torch.Tensor, labels: torch.Tensor | None, fig_dir: Path) -> list[Path]:
         """Write geometry-specific figures of posterior codes ``z`` ``(N, D)``; return paths."""
         return []
 
@@ -104,4 +102,3 @@ class Prior(PyroModule):
                 f"prior {type(self).__name__} returns batch shape {tuple(d.batch_shape)}; "
                 "expected () (the model expands p(z) over the data plate)"
             )
-
