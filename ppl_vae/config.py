@@ -48,7 +48,7 @@ class FitConfig:
     # objective and optimisation
     estimator: str = "trace"
     num_particles: int = 1
-    vectorize_particles: bool = False
+    vectorize_particles: bool | None = None  # None: the estimator's default (iwae/dreg: yes)
     epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-3

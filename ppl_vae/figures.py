@@ -79,6 +79,10 @@ def elbo_curve(path: Path, history: list[dict[str, float]], test_elbo: float | N
 def latent_scatter(path: Path, z: torch.Tensor, labels: torch.Tensor | None) -> Path:
     """Posterior means in 2-D (PCA projection when D > 2), coloured by label."""
     zn = z.detach().float().cpu().numpy()
+    keep = np.isfinite(zn).all(axis=1)
+    zn = zn[keep]
+    if labels is not None:
+        labels = labels[torch.as_tensor(keep)]
     title = "posterior means"
     if zn.shape[1] > 2:
         centred = zn - zn.mean(0)
@@ -142,7 +146,9 @@ def write_figures(result: Any, test_x: torch.Tensor, n: int = 10) -> list[Path]:
         )
     paths += [
         Path(p)
-        for p in vae.prior.figures(z.cpu(), labels.cpu() if labels is not None else None, fig_dir)
+        for p in vae.prior.figures(
+            vae.codes(test_x[:2000]).cpu(), labels.cpu() if labels is not None else None, fig_dir
+        )
     ]
     vae.train(was_training)
     return paths

@@ -174,6 +174,10 @@ def fit(
         >>> result.metrics["test_log_likelihood"] >= result.metrics["test_elbo"]  # doctest: +SKIP
         True
     """
+    if isinstance(prior, str):
+        options["prior"], prior = prior, None
+    if isinstance(likelihood, str):
+        options["likelihood"], likelihood = likelihood, None
     with pyro.settings.context(module_local_params=True):
         return _fit(
             config,
@@ -410,6 +414,9 @@ def _fit(
         "device": str(device),
         "data": dataset.describe(),
     }
+    prior_summary = vae.prior.summary(vae.codes(test_x))
+    if prior_summary:
+        metrics["prior_summary"] = prior_summary
     result = FitResult(vae, cfg, dataset, history, metrics, run_dir, scores)
     if run_dir is not None:
         write_metrics(run_dir, metrics)

@@ -24,6 +24,7 @@ from pyro.nn import PyroModule
 from .components import build as build_component
 from .guides.encoders import ConvEncoder, Encoder, MLPEncoder
 from .models.decoders import ConvDecoder, MLPDecoder
+from .models.distributions.family import base_distribution
 from .models.errors import ConfigError
 from .models.likelihoods.base import Likelihood
 from .models.priors.base import Prior
@@ -101,12 +102,28 @@ class VAE(PyroModule):
         return self.likelihood.mean(self.decoder(self.prior.embed(z)))
 
     def posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """A point summary of q(z|x): its mean where defined, else a sample."""
+        """A point summary of q(z|x): its mean where finite, else its ``loc``, else a sample."""
         q = self.encode(x)
         try:
-            return q.mean
+            m = q.mean
         except NotImplementedError:
-            return q.sample()
+            m = None
+        if m is not None and bool(torch.isfinite(m).all()):
+            return m
+        loc = getattr(base_distribution(q), "loc", None)  # e.g. Student-t with df <= 1
+        if isinstance(loc, torch.Tensor) and loc.shape == q.batch_shape + q.event_shape:
+            return loc
+        return q.sample()
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact samples z ~ q(z|x) in eval mode (e.g. exact zeros for spike-and-slab)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.encode(x).sample()
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,9 @@ import pyro
 import pytest
 import torch
 
-# Two cores on CI: keep torch from oversubscribing them when pytest runs one process.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Small networks: one intra-op thread is as fast as two here, and spinning threads steal the
+# core other processes need. OMP_NUM_THREADS, when set, wins.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -79,6 +79,10 @@ class Prior(PyroModule):
     def anneal(self, progress: float) -> None:
         """Hook called by the trainer once per step with training progress in [0, 1]."""
 
+    def summary(self, z: torch.Tensor) -> dict[str, float]:
+        """Scalar statistics of exact posterior samples ``z`` ``(N, D)`` for ``metrics.json``."""
+        return {}
+
     # -- checks ------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check that :meth:`forward` returns a distribution of event shape ``(latent_dim,)``."""
