@@ -781,7 +781,7 @@ def _find_data_frame(*traces: poutine.Trace) -> Any:
     )
 
 
-def _log_weights_chunk(
+def log_importance_weights(
     model: Callable,
     guide: Callable,
     args: tuple,
@@ -903,7 +903,7 @@ def log_likelihood(
     with torch.no_grad():
         while remaining > 0:
             size = min(chunk_size, remaining)
-            log_weight = _log_weights_chunk(model, guide, args, kwargs, size, max_plate_nesting)
+            log_weight = log_importance_weights(model, guide, args, kwargs, size, max_plate_nesting)
             chunk = torch.logsumexp(log_weight, dim=0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
             remaining -= size

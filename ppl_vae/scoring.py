@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
-from pyro import poutine
 
+from .estimators import log_importance_weights
 from .models.errors import ConfigError
 
 
@@ -33,20 +32,10 @@ def log_weights(
     r"""``(num_samples, N)`` log importance weights :math:`\log p(x, z_k) - \log q(z_k|x)`.
 
     ``model`` and ``guide`` put the batch in ``pyro.plate("data", dim=-1)``; the particles go in
-    a plate at dim -2. Sites outside the data plate would count for every data point.
+    a plate at dim -2. Unscaled (``poutine.scale`` is ignored), masks honoured; see
+    :func:`ppl_vae.estimators.log_likelihood` for the conventions.
     """
-    with pyro.plate("_is_particles", num_samples, dim=-2):
-        guide_tr = poutine.trace(guide).get_trace(x)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x)
-    shape = (num_samples, x.shape[0])
-    total = x.new_zeros(shape)
-    for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
-        for site in tr.nodes.values():
-            if site["type"] != "sample" or site["name"].startswith("_is_"):
-                continue
-            lp = site["fn"].log_prob(site["value"])  # unscaled, event dims summed
-            total = total + sign * lp.expand(shape)
-    return total
+    return log_importance_weights(model, guide, (x,), {}, num_samples, 1)
 
 
 @dataclass
