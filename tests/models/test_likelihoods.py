@@ -159,7 +159,9 @@ REFERENCE: dict[str, Callable[[Likelihood, np.ndarray, np.ndarray], np.ndarray]]
 
 
 def test_catalogue_lists_every_module() -> None:
-    discovered = {m.name for m in pkgutil.iter_modules(likelihoods_pkg.__path__)} - NOT_LIKELIHOODS
+    discovered = {
+        m.name for m in pkgutil.iter_modules(likelihoods_pkg.__path__) if not m.name.startswith("_")
+    } - NOT_LIKELIHOODS
     assert discovered == {name for name, _, _ in CATALOGUE}
     assert discovered == set(REFERENCE)
     for name in discovered:
@@ -549,3 +551,16 @@ def test_bits_per_dim_density_is_change_of_variables() -> None:
         bits_per_dim(1.0, 10, 1)
     with pytest.raises(ConfigError, match="`num_dims`"):
         bits_per_dim(1.0, 0)
+
+
+@pytest.mark.parametrize("name", ["normal", "laplace"])
+def test_loc_scale_modes_edge_cases(name) -> None:
+    cls = _likelihood_class(name)
+    assert cls((4,), scale="fixed", init_scale=1e-4).scale.min() == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match=r"`min_scale` must be in \(0, init_scale\)"):
+        cls((4,), scale="predicted", min_scale=0.0)
+    lik = cls((4,), scale="predicted", min_scale=1e-3)
+    out = torch.tensor([[0.0] * 4, [-1e4] * 4]).reshape(1, 2, 4)  # loc 0, raw scale -1e4
+    d = lik(out)
+    assert torch.isfinite(d.log_prob(torch.zeros(1, 4))).all()
+    assert float(lik._loc_scale(out)[1].min()) >= 1e-3
