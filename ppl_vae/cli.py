@@ -217,7 +217,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, device=args.device)
     pyro.set_rng_seed(args.seed)
     with torch.no_grad():
-        _, x = run.vae.sample(args.n)
+        z, x = run.vae.sample(args.n)
+        if args.draw:
+            x = run.vae.decode(z).sample()
     out = Path(args.out) if args.out else run.run_dir / f"samples_n{args.n}.npy"
     if out.suffix != ".npy":
         raise ConfigError(f"--out must be a .npy file, got {str(out)!r}")
@@ -230,7 +232,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     png = image_grid(
         out.with_suffix(".png"),
         [imgs[i : i + cols] for i in range(0, args.n, cols)],
-        suptitle=f"{args.n} samples (likelihood mean)",
+        suptitle=f"{args.n} samples ({'draws from p(x|z)' if args.draw else 'likelihood mean'})",
     )
     print(f"wrote {out} ({tuple(x.shape)}) and {png}")
     return 0
@@ -273,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument(
         "--out", help="a .npy file (default RUN_DIR/samples_nN.npy; a .png is written beside it)"
+    )
+    p.add_argument(
+        "--draw",
+        action="store_true",
+        help="draw x ~ p(x|z) instead of showing the likelihood's mean E[x|z]",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
