@@ -9,6 +9,7 @@ Example:
     >>> result = fit(epochs=2, quiet=True)  # doctest: +SKIP
 """
 
+from .compare import compare_estimators
 from .config import FitConfig
 from .data import Dataset, load_data
 from .estimators import estimator_names, make_elbo
@@ -30,6 +31,7 @@ __all__ = [
     "TrainingError",
     "__version__",
     "build_vae",
+    "compare_estimators",
     "estimator_names",
     "evaluate",
     "fit",

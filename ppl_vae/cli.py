@@ -12,7 +12,7 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -286,13 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=cmd_sample)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    from .compare_cli import register as register_compare
+
+    register_compare(sub)
     return parser
-
-
-#: Further subcommands register themselves here: ``f(subparsers)`` adds a parser with ``func``.
-EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

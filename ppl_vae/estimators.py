@@ -22,7 +22,8 @@ name           estimator
 ``meanfield``  :class:`pyro.infer.TraceMeanField_ELBO` (analytic KL where registered)
 ``tracegraph`` :class:`DifferentiableTraceGraph_ELBO` (Rao-Blackwellised score terms, baselines)
 ``enum``       :class:`pyro.infer.TraceEnum_ELBO` (exact sums over enumerated sites)
-``renyi:A``    :class:`DifferentiableRenyi_ELBO`, order :math:`\alpha` = A (default 0.5, not 1)
+``renyi:A``    :class:`DifferentiableRenyi_ELBO`, order :math:`\alpha` = A (default 0.5, not 1),
+               ``num_particles`` particles (5 when 1 is asked for: one particle gives the ELBO)
 ``iwae:K``     :class:`IWAE_ELBO`: the importance-weighted bound with K particles
 ``stl``        :class:`TraceSTL_ELBO`: "sticking the landing" (Roeder et al. 2017)
 ``dreg:K``     :class:`TraceDReG_ELBO`: doubly reparameterised IWAE gradients (Tucker et al. 2019)
@@ -598,10 +599,12 @@ def _build_plain(cls: type[ELBO]) -> Callable[[float | None, int, bool | None, i
 def _build_renyi(
     arg: float | None, num_particles: int, vectorize: bool | None, nesting: int, kwargs: dict
 ) -> ELBO:
+    # With one particle every Renyi bound is the ELBO; like iwae, default to K particles.
+    k = num_particles if num_particles > 1 else DEFAULT_NUM_IW_PARTICLES
     return DifferentiableRenyi_ELBO(
         alpha=DEFAULT_RENYI_ALPHA if arg is None else arg,
-        num_particles=num_particles,
-        vectorize_particles=bool(vectorize),
+        num_particles=k,
+        vectorize_particles=True if vectorize is None else vectorize,
         max_plate_nesting=nesting,
         **kwargs,
     )

@@ -523,7 +523,8 @@ def test_bad_estimator_argument(spec: str, message: str) -> None:
 
 def test_make_elbo_options() -> None:
     """num_particles / vectorize_particles / max_plate_nesting reach every estimator; K from the
-    spec wins for iwae and dreg; defaults alpha = 0.5 and K = 5."""
+    spec wins for iwae and dreg; defaults alpha = 0.5 and K = 5 (also for renyi: one particle
+    would make every Renyi bound the ELBO)."""
     for name in estimator_names():
         elbo = make_elbo(name, num_particles=4, vectorize_particles=False, max_plate_nesting=2)
         assert elbo.num_particles == 4 and elbo.vectorize_particles is False
@@ -535,7 +536,8 @@ def test_make_elbo_options() -> None:
     assert isinstance(iwae, IWAE_ELBO) and iwae.num_particles == 7 and iwae.vectorize_particles
     dreg = make_elbo("dreg")
     assert isinstance(dreg, TraceDReG_ELBO) and dreg.num_particles == 5
-    assert make_elbo("renyi").alpha == 0.5 and not make_elbo("renyi").vectorize_particles
+    renyi = make_elbo("renyi")
+    assert renyi.alpha == 0.5 and renyi.num_particles == 5 and renyi.vectorize_particles
     assert isinstance(make_elbo("stl"), TraceSTL_ELBO)
     for bad in ({"num_particles": 0}, {"vectorize_particles": "yes"}, {"max_plate_nesting": -1}):
         with pytest.raises(ConfigError, match=f"`{next(iter(bad))}`"):

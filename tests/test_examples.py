@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: example file -> arguments for a tiny run. A new example must be added here.
 EXAMPLES: dict[str, list[str]] = {
+    "compare_estimators.py": ["--smoke"],
     "new_likelihood.py": ["--smoke"],
     "new_prior.py": ["--smoke"],
 }
