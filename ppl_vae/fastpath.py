@@ -4,37 +4,48 @@ r"""The per-step loss used by the training loop, with a fast path for this engin
 ``elbo.differentiable_loss(vae.model, vae.guide, x)``.
 
 For ``trace`` (:class:`~pyro.infer.Trace_ELBO`) and ``meanfield``
-(:class:`~pyro.infer.TraceMeanField_ELBO`), any ``num_particles``, vectorised or not, on this
-engine's :class:`~ppl_vae.vae.VAE`, the same quantity is computed directly, without Pyro's
-tracing:
+(:class:`~pyro.infer.TraceMeanField_ELBO` and the engine's warning subclass), any
+``num_particles``, vectorised or not, on this engine's :class:`~ppl_vae.vae.VAE`, the same
+quantity is computed directly from the modules, without Pyro's tracing:
 
 .. math::
     \mathcal{L}(x) = -\frac1K \sum_{k=1}^K \Big[\log p(x \mid z_k)
         + \beta\big(\log p(z_k) - \log q(z_k \mid x)\big)\Big],
     \qquad z_k = \texttt{q.rsample()},\; q = \texttt{vae.encoder}(x),
 
-with :math:`\beta` = ``vae.kl_scale``; for ``meanfield`` the bracketed KL term is
-:math:`-\beta\,\mathrm{KL}(q \,\|\, p)` wherever :func:`pyro.distributions.kl.kl_divergence` has
-a registered closed form, and the Monte Carlo term above otherwise (as ``TraceMeanField_ELBO``).
-The arithmetic mirrors Pyro's (same draws in the same order, same expansions over the particle
-plate, same order of sums), so with the same seed the gradients are the ones Pyro computes and
-the value differs only by float32 rounding (Pyro accumulates its reported value in float64).
+with :math:`\beta` = ``vae.kl_scale``; for ``meanfield`` the term in :math:`\beta` is
+:math:`-\beta\,\mathrm{KL}(q \,\|\, p)` wherever :func:`pyro.distributions.kl.kl_divergence`
+has a registered closed form, and the Monte Carlo term above otherwise (as
+``TraceMeanField_ELBO`` does). Any prior, guide family and likelihood is handled through its
+distributions' ``rsample``, ``log_prob``, ``expand`` and registered KLs.
 
-**When the fast path is used.** The first call (with a positive ``kl_scale``) runs the Pyro
-ELBO itself, with Pyro's validation, and records its traces; the fast path is switched on only
-if they show exactly this engine's structure: guide site ``z``, model sites ``z`` then observed
-``x``, in the ``data`` plate (and the particle plate), no masks, ``z`` scaled by ``kl_scale``,
-``x`` unscaled, and a fully reparameterised guide (``has_rsample``, Pyro's default
-``score_parts``). Anything else (another estimator, a subclass that redefines ``model`` or
-``guide``, a prior with sample sites of its own, a score-function guide) keeps the plain Pyro
-path for good. At every fast step the guide distribution is checked again: a type different
-from the recorded one, or one without ``rsample`` (e.g. a family whose eval mode samples
-exactly), or a ``kl_scale`` that is not a positive number, sends that step to Pyro.
+**Equivalence.** The operations are Pyro's, in Pyro's order: the same draws (the guide is re-run
+per particle, or expanded over the particle plate when vectorised), the prior expanded over the
+batch, the site scale computed as Pyro's plates compute it (``kl_scale * N / N``), the same
+sums. With the same seed the gradients are bitwise equal to Pyro's, and the value differs only
+by float32 rounding (Pyro adds its three sums in float64): see ``tests/test_fastpath.py``. The
+fast path makes no host-device synchronisation; Pyro's path makes 25-27 per step with
+validation on (``.item()`` of every log-prob sum, NaN/inf warnings, argument checks).
 
-After that first (validated) step the fast steps run with argument validation off
-(:func:`pyro.validation_enabled` ``(False)`` around the step only): the training loop has already
-checked every data split against the likelihood's support, and a non-finite parameter turns
-into a non-finite loss, which the loop reports. ``validate=True`` keeps validation on.
+**When it is used.** The first call with a positive ``kl_scale`` runs the Pyro ELBO itself, with
+Pyro's validation and warnings, on traced copies of ``model`` and ``guide``; the fast path is
+switched on only if the traces show exactly this engine's structure: guide site ``z``; model
+sites ``z``, then ``x`` observing the data; only the ``data`` plate (and the particle plate);
+no masks; ``z`` scaled by ``kl_scale``, ``x`` unscaled; a fully reparameterised guide site
+(``has_rsample`` and Pyro's default ``score_parts``). The types of q(z|x) and of p(z) in that
+step are recorded. Anything else (another estimator, a :class:`~ppl_vae.vae.VAE` subclass that
+redefines ``model`` or ``guide``, a prior with sample sites of its own, a score-function
+guide) keeps Pyro's path for good. At every later step a q(z|x) without ``rsample``, a q or p of
+another type than recorded (e.g. a family whose eval mode samples exactly), or a ``kl_scale``
+that is not a positive number sends that step to Pyro, before any random number is drawn.
+Warnings follow: the engine's ``meanfield`` warns once per pair of types when it falls back to
+Monte Carlo, which happens in the first (Pyro) step for the recorded pair.
+
+**Validation.** The fast steps run with argument validation off
+(:func:`pyro.validation_enabled` ``(False)`` around the step only; ``validate=True`` keeps it
+on). The first step was validated; the training loop checks every data split against the
+likelihood's support before training; a non-finite parameter gives a non-finite loss, which the
+loop reports as a :class:`~ppl_vae.train.TrainingError` like the validation error would be.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from pyro.distributions.torch_distribution import (
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import prune_subsample_sites
 
+from . import estimators
 from .vae import VAE
 
 __all__ = ["FastELBOLoss", "build_loss", "served_estimator"]
@@ -62,16 +74,24 @@ __all__ = ["FastELBOLoss", "build_loss", "served_estimator"]
 _PARTICLE_PLATE = "num_particles_vectorized"
 
 
-def served_estimator(elbo: Any) -> str | None:
-    """``"trace"`` or ``"meanfield"`` if ``elbo`` is exactly that Pyro class, else ``None``.
+def _served_classes() -> dict[type, str]:
+    classes: dict[type, str] = {Trace_ELBO: "trace", TraceMeanField_ELBO: "meanfield"}
+    # The engine's meanfield estimator: TraceMeanField_ELBO plus a warning when a KL term is
+    # estimated by Monte Carlo (issued by Pyro's path in the first step; see FastELBOLoss).
+    engine_meanfield = getattr(estimators, "MeanField_ELBO", None)
+    if isinstance(engine_meanfield, type) and issubclass(engine_meanfield, TraceMeanField_ELBO):
+        classes[engine_meanfield] = "meanfield"
+    return classes
 
-    Subclasses are not served: they may change the estimator (e.g. sticking-the-landing).
+
+def served_estimator(elbo: Any) -> str | None:
+    """``"trace"`` or ``"meanfield"`` if the fast path can compute ``elbo``'s loss, else ``None``.
+
+    Served: exactly :class:`~pyro.infer.Trace_ELBO`, :class:`~pyro.infer.TraceMeanField_ELBO`
+    and the engine's ``meanfield`` estimator. Other subclasses are not: they may change the
+    estimator (e.g. sticking-the-landing).
     """
-    if type(elbo) is Trace_ELBO:
-        return "trace"
-    if type(elbo) is TraceMeanField_ELBO:
-        return "meanfield"
-    return None
+    return _served_classes().get(type(elbo))
 
 
 def _is_engine_vae(vae: Any) -> bool:
@@ -128,21 +148,26 @@ class FastELBOLoss:
     ``elbo.differentiable_loss(vae.model, vae.guide, x)``.
 
     Args:
-        elbo: a :class:`~pyro.infer.Trace_ELBO` or :class:`~pyro.infer.TraceMeanField_ELBO`.
+        elbo: a served estimator (:func:`served_estimator`).
         vae: the engine's :class:`~ppl_vae.vae.VAE`.
-        validate: keep Pyro's argument validation on in the fast steps.
+        validate: keep argument validation on in the fast steps.
 
     Attributes:
         kind: ``"trace"`` or ``"meanfield"``.
-        fast: whether the fast path is on (``None`` until the first call decides it).
+        fast: whether the fast path is on (``None`` until the first call decides).
         reason: why it is off (empty while it is on or undecided).
         steps: how many calls took each path, ``{"fast": n, "pyro": m}``.
+
+    Example:
+        >>> vae = build_vae((64,), latent_dim=2, hidden_dims=(8,))  # doctest: +SKIP
+        >>> loss = FastELBOLoss(make_elbo("trace"), vae)  # doctest: +SKIP
+        >>> loss(x).backward()  # first call: Pyro's ELBO, then the fast path  # doctest: +SKIP
     """
 
     def __init__(self, elbo: Any, vae: VAE, validate: bool = False) -> None:
         kind = served_estimator(elbo)
         if kind is None:
-            raise TypeError(f"FastELBOLoss serves Trace_ELBO and TraceMeanField_ELBO, got {elbo!r}")
+            raise TypeError(f"the fast path does not serve {type(elbo).__name__}")
         self.elbo = elbo
         self.vae = vae
         self.kind = kind
@@ -150,15 +175,18 @@ class FastELBOLoss:
         self.fast: bool | None = None
         self.reason = ""
         self.steps = {"fast": 0, "pyro": 0}
+        # Distribution types seen at the validated Pyro step: q(z|x) as the encoder returns it,
+        # and p(z) expanded over the batch as the model's site holds it.
         self._guide_type: type | None = None
+        self._prior_type: type | None = None
 
-    # -- the plain path and the probe -------------------------------------------------------
+    # -- the Pyro path and the probe --------------------------------------------------------
     def _pyro(self, x: torch.Tensor) -> torch.Tensor:
         self.steps["pyro"] += 1
         return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
 
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
-        """Run Pyro's ELBO on traced model/guide and decide whether the fast path applies."""
+        """Run Pyro's ELBO on traced model/guide; switch the fast path on if the traces allow."""
         model = poutine.trace(self.vae.model)
         guide = poutine.trace(self.vae.guide)
         self.steps["pyro"] += 1
@@ -171,11 +199,12 @@ class FastELBOLoss:
         self, model_trace: poutine.Trace, guide_trace: poutine.Trace, x: torch.Tensor
     ) -> str:
         """Empty if the traces have exactly the structure the fast path computes, else why not."""
-        particle = self.elbo.vectorize_particles and self.elbo.num_particles > 1
+        num_particles = self.elbo.num_particles
+        vectorized = self.elbo.vectorize_particles and num_particles > 1
         n = x.shape[0]
-        scale = _site_scale(self.vae.kl_scale, n, self.elbo.num_particles if particle else None)
-        unit = _site_scale(1.0, n, self.elbo.num_particles if particle else None)
-        plates = {"data"} | ({_PARTICLE_PLATE} if particle else set())
+        scale = _site_scale(self.vae.kl_scale, n, num_particles if vectorized else None)
+        unit = _site_scale(1.0, n, num_particles if vectorized else None)
+        plates = {"data"} | ({_PARTICLE_PLATE} if vectorized else set())
         guide_sites = _sample_sites(guide_trace)
         model_sites = _sample_sites(model_trace)
         if [s["name"] for s in guide_sites] != ["z"]:
@@ -192,99 +221,99 @@ class FastELBOLoss:
             ("model", mz, scale),
             ("model", mx, unit),
         ):
+            name = site["name"]
             if site["mask"] is not None:
-                return f"{where} site {site['name']!r} is masked"
+                return f"{where} site {name!r} is masked"
             if not _same_number(site["scale"], expected):
-                return (
-                    f"{where} site {site['name']!r} has scale {site['scale']}, expected {expected}"
-                )
+                return f"{where} site {name!r} has scale {site['scale']}, expected {expected}"
             if {f.name for f in site["cond_indep_stack"]} != plates:
                 names = [f.name for f in site["cond_indep_stack"]]
-                return (
-                    f"{where} site {site['name']!r} is in plates {names}, expected {sorted(plates)}"
-                )
+                return f"{where} site {name!r} is in plates {names}, expected {sorted(plates)}"
             if site["infer"].get("enumerate"):
-                return f"{where} site {site['name']!r} is enumerated"
+                return f"{where} site {name!r} is enumerated"
         fn = gz["fn"]
         if not fn.has_rsample:
             return f"guide site 'z' ({type(fn).__name__}) has no rsample (score-function gradient)"
         if not _entropy_term_is_log_prob(fn):
             return f"guide site 'z' ({type(fn).__name__}) overrides score_parts"
+        # The plate expands q(z|x); a class without its own ``expand`` is wrapped.
+        self._guide_type = type(fn.base_dist if type(fn) is ExpandedDistribution else fn)
+        self._prior_type = type(mz["fn"])
         return ""
 
     # -- the fast path ------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.vae.kl_scale
-        if not (isinstance(scale, Real) and scale > 0) or self.fast is False:
+        kl_scale = self.vae.kl_scale
+        if self.fast is False or not (isinstance(kl_scale, Real) and kl_scale > 0):
             return self._pyro(x)
         if self.fast is None:
             return self._probe(x)
         if self.validate:
-            return self._fast(x, scale)
+            return self._fast(x, float(kl_scale))
         with pyro.validation_enabled(False):
-            return self._fast(x, scale)
+            return self._fast(x, float(kl_scale))
 
     def _fast(self, x: torch.Tensor, kl_scale: float) -> torch.Tensor:
         elbo = self.elbo
+        modules = self.vae._modules
+        encoder, prior_module = modules["encoder"], modules["prior"]
         num_particles = elbo.num_particles
         vectorized = elbo.vectorize_particles and num_particles > 1
         scale = _site_scale(kl_scale, x.shape[0], num_particles if vectorized else None)
-        q = self._guide(x)
-        if q is None:
+        # Pyro runs the guide, then the model; only q.rsample() draws random numbers, so p(z)
+        # may be built first, which lets a step with unexpected types go to Pyro untouched.
+        q = encoder(x)
+        if vectorized:
+            q = q.expand(torch.Size([num_particles]) + q.batch_shape)
+        p = prior_module().expand(q.batch_shape)
+        if not self._same_types(q, p):
             return self._pyro(x)
         self.steps["fast"] += 1
         if vectorized:
-            q = q.expand(torch.Size([num_particles]) + q.batch_shape)
-            return self._particle(x, q, scale) / num_particles
-        loss = self._particle(x, q, scale)
+            return self._particle(x, q, p, scale) / num_particles
+        loss = self._particle(x, q, p, scale)
         if num_particles == 1:
             return loss
-        # Pyro re-runs the guide for every particle; so do we (same draws, same sums).
-        total = loss / num_particles
+        # Pyro re-runs the guide and the model for every particle; so does this.
+        loss = loss / num_particles
         for _ in range(num_particles - 1):
-            q = self._guide(x)
-            if q is None:
-                raise RuntimeError("the guide changed its distribution type between particles")
-            total = total + self._particle(x, q, scale) / num_particles
-        return total
+            q = encoder(x)
+            p = prior_module().expand(q.batch_shape)
+            if not self._same_types(q, p):
+                raise RuntimeError(
+                    "q(z|x) or p(z) changed type between the particles of one step: "
+                    f"{type(q).__name__}, {type(p).__name__}"
+                )
+            loss = loss + self._particle(x, q, p, scale) / num_particles
+        return loss
 
-    def _guide(self, x: torch.Tensor) -> Any:
-        """q(z | x), or None if this step must go to Pyro (no rsample, or a new type)."""
-        q = self.vae.encoder(x)
-        if not q.has_rsample:
-            return None
-        if type(q) is not self._guide_type:
-            if self._guide_type is not None:
-                return None
-            if not _entropy_term_is_log_prob(q):
-                self.fast, self.reason = False, f"{type(q).__name__} overrides score_parts"
-                return None
-            self._guide_type = type(q)
-        return q
+    def _same_types(self, q: Any, p: Any) -> bool:
+        """q has rsample and q, p are of the types Pyro's validated step saw."""
+        q_type = type(q.base_dist) if type(q) is ExpandedDistribution else type(q)
+        return q.has_rsample and q_type is self._guide_type and type(p) is self._prior_type
 
-    def _particle(self, x: torch.Tensor, q: Any, scale: float) -> torch.Tensor:
-        r"""Surrogate loss of one (possibly vectorised) particle, summed like Pyro's."""
-        vae = self.vae
+    def _particle(self, x: torch.Tensor, q: Any, p: Any, scale: float) -> torch.Tensor:
+        """Surrogate loss of one (possibly vectorised) particle, summed in Pyro's order."""
+        modules = self.vae._modules
+        prior_module = modules["prior"]
         z = q.rsample()
-        prior = vae.prior()
-        p = prior.expand(q.batch_shape)
-        log_px = vae.likelihood(vae.decoder(vae.prior.embed(z))).log_prob(x).sum()
+        out = modules["decoder"](prior_module.embed(z))
+        log_px = modules["likelihood"](out).log_prob(x).sum()
         if self.kind == "meanfield":
             try:
                 kl = kl_divergence(q, p)
             except NotImplementedError:
-                pass
-            else:
+                # Monte Carlo, as TraceMeanField_ELBO (its warning, if any, came in the probe).
+                log_p = p.log_prob(z)
+                log_q = q.log_prob(z)
                 if scale != 1:
-                    kl = kl * scale
-                kl_sum = kl.sum() if torch.is_tensor(kl) else kl * q.batch_shape.numel()
-                return -(-kl_sum + log_px)
-            log_p = p.log_prob(z)
-            log_q = q.log_prob(z)
+                    log_p = log_p * scale
+                    log_q = log_q * scale
+                return -(log_p.sum() - log_q.sum() + log_px)
             if scale != 1:
-                log_p = log_p * scale
-                log_q = log_q * scale
-            return -(log_p.sum() - log_q.sum() + log_px)
+                kl = kl * scale
+            kl_sum = kl.sum() if torch.is_tensor(kl) else kl * q.batch_shape.numel()
+            return -(-kl_sum + log_px)
         log_p = p.log_prob(z)
         log_q = q.log_prob(z)
         if scale != 1:
