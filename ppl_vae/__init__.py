@@ -16,25 +16,30 @@ from .estimators import estimator_names, make_elbo
 from .models.errors import ConfigError
 from .runs import Run, evaluate, load_run
 from .scoring import score
+from .ssl import SSVAE, SSLConfig, build_ssvae, fit_ssl
 from .train import FitResult, TrainingError, fit
 from .vae import VAE, build_vae
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SSVAE",
     "VAE",
     "ConfigError",
     "Dataset",
     "FitConfig",
     "FitResult",
     "Run",
+    "SSLConfig",
     "TrainingError",
     "__version__",
+    "build_ssvae",
     "build_vae",
     "compare_estimators",
     "estimator_names",
     "evaluate",
     "fit",
+    "fit_ssl",
     "load_data",
     "load_run",
     "make_elbo",

@@ -1,0 +1,104 @@
+r"""Semi-supervised SVHN with the M2 model, from Python.
+
+Trains Kingma et al.'s M2 model (:mod:`ppl_vae.ssl`) on SVHN's 73,257 training images with
+``--labels`` class-balanced labels (the rest unlabelled), convolutional encoder, decoder and
+classifier, a discretised-logistic likelihood for the 8-bit colour pixels, and exact enumeration
+over the ten classes; then trains the same classifier on the labelled images alone
+(``baseline="supervised"``) and prints both test accuracies. The run directory holds
+``metrics.json``, ``history.csv``, checkpoints and figures (confusion matrix, the style/content
+grid, accuracy over epochs).
+
+A GPU is advised for the full run: ``--device cuda``. ``--smoke`` runs a tiny budget (one
+epoch, small networks, a few hundred points) to check the set-up; without SVHN on disk it uses
+the built-in digits.
+
+Usage::
+
+    python examples/svhn_semisupervised.py --download --labels 1000 --epochs 50 --device cuda
+    python examples/svhn_semisupervised.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ppl_vae.data import default_root
+from ppl_vae.ssl import fit_ssl
+
+
+def _svhn_on_disk(root: str | None) -> bool:
+    base = Path(root).expanduser() if root else default_root()
+    return all((base / "SVHN" / f).is_file() for f in ("train_32x32.mat", "test_32x32.mat"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="svhn", help="data set (default svhn)")
+    parser.add_argument(
+        "--data-root", help="where SVHN lives (default $PPL_VAE_DATA or ~/.cache/ppl_vae)"
+    )
+    parser.add_argument("--download", action="store_true", help="download SVHN (needs internet)")
+    parser.add_argument(
+        "--labels", type=int, default=1000, help="labelled training images (default 1000)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=50, help="passes over the unlabelled images (default 50)"
+    )
+    parser.add_argument(
+        "--label-guide",
+        default="enumerate",
+        help="enumerate, relaxed or sample (default enumerate)",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/svhn-semisupervised", help="run directory")
+    parser.add_argument("--smoke", action="store_true", help="a tiny budget to check the set-up")
+    args = parser.parse_args(argv)
+
+    options = dict(
+        data=args.data,
+        data_root=args.data_root,
+        download=args.download,
+        labels=args.labels,
+        epochs=args.epochs,
+        label_guide=args.label_guide,
+        device=args.device,
+        seed=args.seed,
+        baseline="supervised",
+        latent_dim=32,
+        hidden_dims=[512],
+        lr=3e-4,
+        # alpha * N / N_labelled ~ 66 per labelled image with 1000 labels: the weight the paper's
+        # alpha = 0.1 N gives per labelled MNIST digit (0.1 * 50000 / 100 = 50) and close to the
+        # value tuned on digits (3 * 1294 / 50 = 78). Not tuned on SVHN.
+        alpha=1.0,
+        likelihood="discretized-logistic",
+        elbo_samples=1,
+    )
+    if args.smoke:
+        use_svhn = args.data == "svhn" and (args.download or _svhn_on_disk(args.data_root))
+        options.update(
+            data="svhn" if use_svhn else "digits",
+            labels=min(args.labels, 20),
+            epochs=1,
+            max_train=200,
+            latent_dim=4,
+            hidden_dims=[16],
+            batch_size=64,
+        )
+    result = fit_ssl(options, out=args.out, overwrite=True, quiet=args.smoke)
+    m = result.metrics
+    print(
+        f"{m['data']['name']}: M2 test accuracy {m['test_accuracy']:.4f}, supervised baseline "
+        f"{m['baseline_test_accuracy']:.4f} ({m['labels']} labels, {m['unlabelled']} unlabelled); "
+        f"test ELBO {m['test_elbo']:.2f} nats; {m['seconds_per_epoch']:.1f} s per epoch; "
+        f"run directory {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1335 @@
+r"""Semi-supervised learning with the M2 model (Kingma et al. 2014) as a Pyro model/guide pair.
+
+.. math:: p_\theta(x, y, z) = p(y)\, p(z)\, p_\theta(x \mid y, z), \qquad
+    q_\phi(y, z \mid x) = q_\phi(y \mid x)\, q_\phi(z \mid x, y)
+
+``SSVAE.model(x, y=None)`` and ``SSVAE.guide(x, y=None)`` are ordinary Pyro programs with a
+``pyro.plate("data")`` and sites ``"y"``, ``"z"``, ``"x"``; labelled points observe ``y`` (the
+guide then has no ``y`` site), unlabelled ones leave it to the label guide
+(:mod:`ppl_vae.guides.labels`: exact enumeration, Gumbel-softmax relaxation or score-function
+samples). ``z`` has any prior of :mod:`ppl_vae.models.priors` with its own variational family, so
+von Mises or spike-and-slab latents work unchanged. The decoder reads ``(embed(z), onehot(y))``
+and the encoder ``(x, onehot(y))``.
+
+**Objective** (per training point; :math:`N = N_l + N_u` labelled plus unlabelled points):
+
+.. math:: J = \frac{1}{N}\Big[\sum_{(x, y)\,\in\,\mathcal{D}_l} -\mathcal{L}(x, y)
+    + \sum_{x\,\in\,\mathcal{D}_u} -\mathcal{U}(x)\Big]
+    + \alpha\,\frac{1}{N_l}\sum_{(x, y)\,\in\,\mathcal{D}_l} -\log q_\phi(y \mid x)
+
+with :math:`\mathcal{L}(x, y)` the ELBO of a labelled point and
+:math:`\mathcal{U}(x) = \mathbb{E}_{q(y|x)}[\mathcal{L}(x, y) - \log q_\phi(y \mid x)]` that of an
+unlabelled one. The last term is Kingma et al.'s auxiliary classification loss: their
+:math:`\alpha_\text{paper}\,\mathbb{E}_{\tilde p_l}[-\log q_\phi(y \mid x)]` added to the summed
+bound with :math:`\alpha_\text{paper} = 0.1 \cdot N`; divided by :math:`N` that is the term above
+with ``alpha`` :math:`= \alpha_\text{paper} / N = 0.1` (the default), i.e. a weight of
+:math:`\alpha N / N_l` on each labelled point's :math:`-\log q_\phi(y \mid x)` relative to its
+ELBO. Each step draws one labelled and one unlabelled mini-batch and estimates :math:`J` without
+bias.
+
+With every training example labelled (``labels="all"``) the unlabelled term vanishes and the model
+is a conditional VAE (the classifier is still trained, by the auxiliary loss alone).
+
+:func:`fit_ssl` trains it and writes a run directory; :func:`split_labelled` makes the
+class-balanced labelled subset.
+
+References:
+    Kingma, D. P., Rezende, D. J., Mohamed, S. and Welling, M. (2014). Semi-supervised learning
+    with deep generative models. NeurIPS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .components import build as build_component
+from .components import spec_of
+from .config import DEVICES, FLOAT32_MAX, _check_type, _toml_value, tomllib, write_text_atomic
+from .data import Dataset, load_data
+from .estimators import make_elbo
+from .guides.encoders import ConvEncoder, Encoder, MLPEncoder
+from .guides.labels.base import LabelGuide
+from .models.decoders import ConvDecoder, MLPDecoder
+from .models.errors import ConfigError
+from .models.likelihoods.base import Likelihood
+from .models.priors.base import Prior
+from .scoring import log_weights
+from .train import TrainingError, _prepare_data, prepare_run_dir, resolve_device, write_metrics
+from .vae import choose_network
+
+__all__ = [
+    "SSVAE",
+    "SSLConfig",
+    "SSLResult",
+    "build_ssvae",
+    "fit_ssl",
+    "split_labelled",
+]
+
+BINARIZE = ("auto", "none", "static", "dynamic")
+BASELINES = ("supervised",)
+BEST = "best.pt"
+SSL_RUN_FILES = ("baseline_history.csv", BEST)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SSLConfig:
+    r"""Everything that defines a semi-supervised run; every field has a default (digits, M2).
+
+    Fields not in :class:`~ppl_vae.FitConfig`:
+
+    Attributes:
+        labels: number of labelled training examples (class-balanced, chosen by ``seed``), or
+            ``"all"`` for a conditional VAE on fully labelled data.
+        num_classes: K; ``None`` takes the data set's.
+        svhn_extra: append SVHN's ``extra`` split (531,131 images) to the training set.
+        label_guide: the strategy for unobserved labels: ``enumerate``, ``relaxed``, ``sample`` or
+            ``file.py:Class``.
+        label_guide_args: options of the label guide (``hidden_dims``, ``dropout``,
+            ``initial_temperature``, ...).
+        alpha: weight of the classification loss, :math:`\alpha_\text{paper}/N` (module
+            docstring); Kingma et al. use 0.1. What matters in practice is the weight per
+            labelled point, :math:`\alpha N / N_l`: the paper's MNIST setting gives
+            0.1 x 50000 / 100 = 50; on digits with 50 labels alpha = 3 (78 per labelled
+            point) beat 0.1 (2.6), see ``benchmarks/ssl_digits.py``.
+        class_probs: :math:`\pi` of :math:`p(y)`; empty for uniform.
+        likelihood: a likelihood name, or ``"auto"``: ``discretized-logistic`` for quantised
+            data with more than two levels (8-bit images, digits), ``bernoulli`` for binary data,
+            ``continuous-bernoulli`` for other data in [0, 1], else ``normal``.
+        labelled_batch_size: labelled points per step (default ``batch_size``, at most the
+            number of labels).
+        elbo_samples: z samples per class for the test ELBO.
+        baseline: ``"supervised"`` also trains the same classifier on the labelled subset alone.
+        baseline_patience: stop the baseline after this many epochs without a better
+            validation accuracy (``None``: train the whole budget); its best epoch is kept.
+    """
+
+    # data
+    data: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    svhn_extra: bool = False
+    binarize: str = "auto"
+    max_train: int | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    labels: int | str = 100
+    num_classes: int | None = None
+    # model
+    label_guide: str = "enumerate"
+    label_guide_args: dict[str, Any] = field(default_factory=dict)
+    alpha: float = 0.1
+    class_probs: list[float] = field(default_factory=list)
+    prior: str = "gaussian"
+    prior_args: dict[str, Any] = field(default_factory=dict)
+    likelihood: str = "auto"
+    likelihood_args: dict[str, Any] = field(default_factory=dict)
+    latent_dim: int = 16
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
+    network: str = "auto"
+    # objective and optimisation
+    num_particles: int = 1
+    epochs: int = 100
+    batch_size: int = 128
+    labelled_batch_size: int | None = None
+    lr: float = 1e-3
+    clip_norm: float | None = None
+    # evaluation
+    elbo_samples: int = 10
+    baseline: str | None = None
+    baseline_patience: int | None = None
+    # execution
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check types and ranges; raise :class:`ConfigError` naming the field and the value."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), str(f.type))
+        if self.binarize not in BINARIZE:
+            raise ConfigError(f"`binarize` must be one of {list(BINARIZE)}, got {self.binarize!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"`device` must be one of {list(DEVICES)}, got {self.device!r}")
+        if isinstance(self.labels, bool) or not (
+            (isinstance(self.labels, int) and self.labels > 0) or self.labels == "all"
+        ):
+            raise ConfigError(f"`labels` must be a positive integer or 'all', got {self.labels!r}")
+        for name in ("latent_dim", "num_particles", "epochs", "batch_size", "elbo_samples"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"`{name}` must be positive, got {getattr(self, name)}")
+        for name in ("num_classes", "labelled_batch_size", "max_train", "baseline_patience"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"`{name}` must be positive, got {v}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"`num_classes` must be at least 2, got {self.num_classes}")
+        if not 0 < self.lr <= FLOAT32_MAX:
+            raise ConfigError(f"`lr` must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.alpha <= FLOAT32_MAX:
+            raise ConfigError(f"`alpha` must be a finite number >= 0, got {self.alpha}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"`seed` must be an integer in [0, 2**32), got {self.seed}")
+        if self.clip_norm is not None and not 0 < self.clip_norm <= FLOAT32_MAX:
+            raise ConfigError(f"`clip_norm` must be positive, got {self.clip_norm}")
+        if any(h <= 0 for h in self.hidden_dims):
+            raise ConfigError(f"`hidden_dims` must be positive integers, got {self.hidden_dims}")
+        if self.class_probs:
+            ok = all(
+                isinstance(p, int | float) and not isinstance(p, bool) and p > 0
+                for p in self.class_probs
+            )
+            if not ok or not math.isclose(sum(self.class_probs), 1.0, abs_tol=1e-6):
+                raise ConfigError(
+                    "`class_probs` must be positive numbers summing to 1 (or empty for uniform), "
+                    f"got {self.class_probs}"
+                )
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ConfigError(f"`baseline` must be one of {list(BASELINES)}, got {self.baseline!r}")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise ConfigError(f"`{name}` must be in (0, 1), got {v}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                "`val_fraction` + `test_fraction` must be < 1, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+
+    # -- round trips (as FitConfig) -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> SSLConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        for name in ("hidden_dims", "class_probs"):
+            if isinstance(d.get(name), tuple):
+                d[name] = list(d[name])
+        for name in ("lr", "alpha", "val_fraction", "test_fraction", "clip_norm"):
+            if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
+                d[name] = float(d[name])
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_toml(self) -> str:
+        lines = ["# ppl-vae ssl configuration; `ppl-vae ssl --config THIS_FILE` reproduces the run"]
+        for key, value in self.to_dict().items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        """Write TOML (``.toml``) or JSON (anything else), atomically."""
+        path = Path(path)
+        text = self.to_toml() if path.suffix == ".toml" else json.dumps(self.to_dict(), indent=2)
+        write_text_atomic(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SSLConfig:
+        """Read a TOML or JSON config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = path.read_bytes()
+            d = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"could not parse config file {str(path)!r}: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a table of options")
+        return cls.from_dict(d, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# the labelled subset
+# ---------------------------------------------------------------------------------------------
+
+
+def split_labelled(
+    y: torch.Tensor | np.ndarray, num_labels: int, num_classes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""A class-balanced labelled subset of the training points, fixed by ``seed``.
+
+    Every class gets :math:`\lfloor n / K \rfloor` labels and :math:`n \bmod K` classes, drawn by
+    ``seed``, one more; a class with too few examples gives its share to the others (as evenly
+    as possible). Within class :math:`k` the labelled points are the first ones of a
+    permutation drawn from ``(seed, k)`` alone, so for one seed a larger ``num_labels`` keeps every
+    point a smaller one chose (when the per-class counts grow).
+
+    Args:
+        y: training labels ``(N,)`` in ``[0, num_classes)``.
+        num_labels: n, how many points keep their label.
+        num_classes: K.
+        seed: fixes the choice.
+
+    Returns:
+        ``(labelled, unlabelled)``: sorted, disjoint index arrays covering ``range(N)``.
+
+    Raises:
+        ConfigError: ``num_labels`` larger than N or smaller than K, labels out of range, or a
+            class with no training example.
+    """
+    y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+    n = len(y)
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int | np.integer):
+        raise ConfigError(f"`labels` must be an integer, got {num_labels!r}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise ConfigError(
+            f"training labels must be in [0, {num_classes}), got values in "
+            f"[{int(y.min())}, {int(y.max())}]"
+        )
+    if num_labels > n:
+        raise ConfigError(
+            f"`labels` must be at most the number of training points ({n}), got {num_labels}"
+        )
+    if num_labels < num_classes:
+        raise ConfigError(
+            f"`labels` must be at least the number of classes ({num_classes}) so that every "
+            f"class has a labelled example, got {num_labels}"
+        )
+    counts = np.bincount(y.astype(np.int64), minlength=num_classes)
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        raise ConfigError(
+            f"class(es) {missing.tolist()} have no training example, so they cannot be labelled; "
+            f"training examples per class: {counts.tolist()}"
+        )
+    rng = np.random.default_rng([seed, 0])
+    quota = np.zeros(num_classes, dtype=np.int64)
+    remaining = int(num_labels)
+    while remaining > 0:
+        open_classes = np.flatnonzero(quota < counts)
+        share = remaining // len(open_classes)
+        if share == 0:
+            chosen = rng.choice(open_classes, size=remaining, replace=False)
+            quota[chosen] += 1
+            remaining = 0
+        else:
+            add = np.minimum(share, counts[open_classes] - quota[open_classes])
+            quota[open_classes] += add
+            remaining -= int(add.sum())
+    parts = []
+    for k in range(num_classes):
+        idx = np.flatnonzero(y == k)
+        parts.append(np.random.default_rng([seed, 1, k]).permutation(idx)[: quota[k]])
+    labelled = np.sort(np.concatenate(parts))
+    unlabelled = np.setdiff1d(np.arange(n), labelled)
+    return labelled, unlabelled
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+
+
+class SSVAE(PyroModule):
+    r"""The M2 semi-supervised VAE: a Pyro model/guide pair with sites ``y``, ``z``, ``x``.
+
+    .. math:: p_\theta(x, y, z) = \mathrm{Cat}(y;\,\pi)\, p(z)\,
+        p_\theta(x \mid \mathrm{dec}(\mathrm{embed}(z), y)), \qquad
+        q_\phi(y, z \mid x) = q_\phi(y \mid x)\, q_\phi(z \mid x, y)
+
+    Args:
+        prior: :math:`p(z)`.
+        likelihood: :math:`p(x \mid \eta)`.
+        encoder: :math:`q(z \mid x, y)`, built with ``cond_dim = num_classes``.
+        decoder: maps ``(prior.embed(z), onehot(y))`` to the likelihood's parameters, built with
+            ``cond_dim = num_classes``.
+        label_guide: :math:`q(y \mid x)` and the strategy for unobserved labels.
+        class_probs: :math:`\pi`, ``(K,)``; ``None`` for uniform.
+    """
+
+    def __init__(
+        self,
+        prior: Prior,
+        likelihood: Likelihood,
+        encoder: Encoder,
+        decoder: torch.nn.Module,
+        label_guide: LabelGuide,
+        class_probs: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        k = label_guide.num_classes
+        for name, module in (("encoder", encoder), ("decoder", decoder)):
+            if getattr(module, "cond_dim", None) != k:
+                raise ConfigError(
+                    f"the {name} must be built with cond_dim={k} (one-hot labels), got "
+                    f"cond_dim={getattr(module, 'cond_dim', None)}"
+                )
+        self.prior = prior
+        self.likelihood = likelihood
+        self.encoder = encoder
+        self.decoder = decoder
+        self.label_guide = label_guide
+        probs = torch.full((k,), 1.0 / k) if class_probs is None else torch.as_tensor(class_probs)
+        if probs.shape != (k,) or not bool((probs > 0).all()):
+            raise ConfigError(f"`class_probs` must be {k} positive numbers, got {probs.tolist()}")
+        self.register_buffer("class_logits", (probs / probs.sum()).log().float())
+
+    @property
+    def num_classes(self) -> int:
+        return self.label_guide.num_classes
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return self.likelihood.data_shape
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Reject data whose per-point shape is not the one the networks were built for."""
+        n = len(self.data_shape)
+        if x.dim() != n + 1 or tuple(x.shape[1:]) != self.data_shape:
+            raise ConfigError(
+                f"data has shape {tuple(x.shape)} but the model was built for "
+                f"(N, {', '.join(map(str, self.data_shape))})"
+            )
+
+    def one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Class indices ``(N,)`` -> one-hot ``(N, K)`` in ``like``'s dtype, range-checked."""
+        if y.dtype in (torch.float16, torch.float32, torch.float64, torch.bool):
+            raise ConfigError(f"labels must be integer class indices, got dtype {y.dtype}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ConfigError(
+                f"labels must be in [0, {self.num_classes}), got values in "
+                f"[{int(y.min())}, {int(y.max())}]"
+            )
+        return F.one_hot(y.long(), self.num_classes).to(like.dtype)
+
+    # -- the Pyro programs ---------------------------------------------------------------------
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        r"""``y ~ p(y)`` (observed if given), ``z ~ p(z)``, ``x ~ p(x | dec(embed(z), y))``."""
+        self.check_input(x)
+        y_obs = None if y is None else self.one_hot(y, x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            y_val = pyro.sample("y", self.label_guide.prior(self.class_logits), obs=y_obs)
+            z = pyro.sample("z", self.prior())
+            out = self.decoder(self.prior.embed(z), y_val)
+            pyro.sample("x", self.likelihood(out), obs=x)
+        return z
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        r"""``y ~ q(y | x)`` by the label guide unless given, then ``z ~ q(z | x, y)``."""
+        self.check_input(x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            y_val = self.label_guide.sample("y", x) if y is None else self.one_hot(y, x)
+            return pyro.sample("z", self.q_z(x, y_val))
+
+    def q_z(self, x: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
+        r"""q(z | x, y) for one-hot ``y`` ``(*batch, K)`` broadcasting against ``x``'s ``(N,)``.
+
+        The encoder's feature network runs once on ``x``; only its head sees each ``y`` (under
+        enumeration ``y`` is ``(K, 1, K)`` and the result has batch shape ``(K, N)``).
+        """
+        enc = self.encoder
+        h = enc.features(x)
+        batch = torch.broadcast_shapes(h.shape[:-1], y.shape[:-1])
+        raw = enc.head(
+            torch.cat([h.expand(*batch, h.shape[-1]), y.expand(*batch, y.shape[-1])], -1)
+        )
+        return enc.family.build(**enc.family.constrain(raw, enc.latent_dim))
+
+    # -- the auxiliary loss and conveniences -------------------------------------------------
+    def classification_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        r""":math:`-\log q_\phi(y \mid x)` per point, ``(N,)``."""
+        return -self.label_guide.dist(x).log_prob(y)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """The most probable class under q(y | x), ``(N,)``."""
+        was = self.training
+        self.eval()
+        try:
+            return torch.cat(
+                [
+                    self.label_guide(x[i : i + batch_size]).argmax(-1)
+                    for i in range(0, len(x), batch_size)
+                ]
+            )
+        finally:
+            self.train(was)
+
+    def decode_mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """E[x | z, y] for codes ``(..., D)`` and one-hot labels ``(..., K)``."""
+        return self.likelihood.mean(self.decoder(self.prior.embed(z), y))
+
+    def posterior_mean(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A point summary of q(z | x, y) (its mean where defined, else a sample)."""
+        q = self.q_z(x, self.one_hot(y, x))
+        try:
+            return q.mean
+        except NotImplementedError:
+            return q.sample()
+
+    @torch.no_grad()
+    def elbo_per_class(
+        self, x: torch.Tensor, num_samples: int = 10, batch_size: int = 256
+    ) -> torch.Tensor:
+        r""":math:`\mathcal{L}(x, k)` for every class k, ``(N, K)``, from ``num_samples`` z each.
+
+        .. math:: \mathcal{L}(x, k) \approx \tfrac1S \sum_s \log
+            \frac{p(x \mid k, z_s)\, p(k)\, p(z_s)}{q(z_s \mid x, k)}, \quad z_s \sim q(z \mid x, k)
+
+        Log-densities are unscaled and exact (the guide in eval mode).
+        """
+        was = self.training
+        self.eval()
+        try:
+            out = []
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start : start + batch_size]
+                cols = []
+                for k in range(self.num_classes):
+                    yk = torch.full((xb.shape[0],), k, dtype=torch.long, device=xb.device)
+                    lw = log_weights(
+                        functools.partial(self.model, y=yk),
+                        functools.partial(self.guide, y=yk),
+                        xb,
+                        num_samples,
+                    )
+                    cols.append(lw.mean(0))
+                out.append(torch.stack(cols, -1))
+            return torch.cat(out)
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
+    def unlabelled_elbo(
+        self, x: torch.Tensor, num_samples: int = 10, per_class: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        r""":math:`\mathcal{U}(x)` with y summed out exactly, ``(N,)``.
+
+        .. math:: \mathcal{U}(x) = \sum_k q_\phi(k \mid x)\,
+            \big[\mathcal{L}(x, k) - \log q_\phi(k \mid x)\big]
+        """
+        if per_class is None:
+            per_class = self.elbo_per_class(x, num_samples)
+        was = self.training
+        self.eval()
+        try:
+            log_q = torch.cat(
+                [self.label_guide(x[i : i + 1024]).log_softmax(-1) for i in range(0, len(x), 1024)]
+            )
+        finally:
+            self.train(was)
+        return (log_q.exp() * (per_class - log_q)).sum(-1)
+
+
+def build_ssvae(
+    data_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    prior: Any = "gaussian",
+    likelihood: Any = "bernoulli",
+    label_guide: Any = "enumerate",
+    latent_dim: int = 16,
+    hidden_dims: tuple[int, ...] | list[int] = (256, 128),
+    network: str = "auto",
+    prior_args: dict[str, Any] | None = None,
+    likelihood_args: dict[str, Any] | None = None,
+    label_guide_args: dict[str, Any] | None = None,
+    num_levels: int | None = None,
+    class_probs: list[float] | torch.Tensor | None = None,
+) -> SSVAE:
+    """Assemble an :class:`SSVAE` from component specs (names, ``file.py:Class``, classes).
+
+    The encoder and decoder are those of :func:`~ppl_vae.build_vae` with ``cond_dim`` for the
+    one-hot label; the label guide gets ``data_shape``, ``num_classes``, ``hidden_dims`` and
+    ``network`` unless ``label_guide_args`` sets them.
+    """
+    data_shape = tuple(int(s) for s in data_shape)
+    hidden = tuple(int(h) for h in hidden_dims)
+    p = build_component(prior, "prior", {"latent_dim": latent_dim}, dict(prior_args or {}))
+    p.validate()
+    lik = build_component(
+        likelihood,
+        "likelihood",
+        {"data_shape": data_shape, "num_levels": num_levels},
+        dict(likelihood_args or {}),
+    )
+    if tuple(lik.data_shape) != data_shape:
+        raise ConfigError(
+            f"likelihood built for data shape {tuple(lik.data_shape)} but the data has {data_shape}"
+        )
+    guide = build_component(
+        label_guide,
+        "label_guide",
+        {
+            "data_shape": data_shape,
+            "num_classes": num_classes,
+            "hidden_dims": hidden,
+            "network": network,
+        },
+        dict(label_guide_args or {}),
+    )
+    if guide.num_classes != num_classes:
+        raise ConfigError(
+            f"label guide built for {guide.num_classes} classes but the data have {num_classes}"
+        )
+    family = p.guide_family()
+    if choose_network(network, data_shape) == "conv":
+        enc: Encoder = ConvEncoder(data_shape, p.latent_dim, family, hidden, cond_dim=num_classes)
+        dec: torch.nn.Module = ConvDecoder(
+            p.embed_dim, data_shape, lik.params_per_element, hidden[::-1], cond_dim=num_classes
+        )
+    else:
+        enc = MLPEncoder(data_shape, p.latent_dim, family, hidden, cond_dim=num_classes)
+        dec = MLPDecoder(
+            p.embed_dim, data_shape, lik.params_per_element, hidden[::-1], cond_dim=num_classes
+        )
+    probs = None if class_probs is None or len(class_probs) == 0 else torch.as_tensor(class_probs)
+    return SSVAE(p, lik, enc, dec, guide, probs)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SSLResult:
+    """What :func:`fit_ssl` returns."""
+
+    model: SSVAE
+    config: SSLConfig
+    dataset: Dataset
+    history: list[dict[str, float]]
+    metrics: dict[str, Any]
+    labelled: np.ndarray
+    unlabelled: np.ndarray
+    run_dir: Path | None = None
+    baseline: LabelGuide | None = None
+    baseline_history: list[dict[str, float]] = field(default_factory=list)
+
+
+def auto_likelihood(ds: Dataset) -> str:
+    """The ``likelihood="auto"`` choice for a data set (see :class:`SSLConfig`)."""
+    if ds.num_levels is not None and ds.num_levels > 2:
+        return "discretized-logistic"
+    if ds.num_levels == 2:
+        return "bernoulli"
+    x = ds.train_x
+    if bool(((x >= 0) & (x <= 1)).all()):
+        return "continuous-bernoulli"
+    return "normal"
+
+
+def _check_labels(ds: Dataset, num_classes: int) -> None:
+    for split in ("train", "val", "test"):
+        y = getattr(ds, f"{split}_y")
+        if y is None:
+            raise ConfigError(
+                f"semi-supervised learning needs labels, but the {split} split of "
+                f"{ds.name!r} has none (pass a .npz with 'y', or labels= for arrays)"
+            )
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ConfigError(f"{split} labels must be integers, got dtype {y.dtype}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            bad = y[(y < 0) | (y >= num_classes)]
+            raise ConfigError(
+                f"{split} labels must be in [0, {num_classes}) (num_classes={num_classes}), got "
+                f"{bad.numel()} outside, e.g. {int(bad[0])}"
+            )
+        if len(y) != len(getattr(ds, f"{split}_x")):
+            raise ConfigError(
+                f"{split} split has {len(getattr(ds, f'{split}_x'))} points but {len(y)} labels"
+            )
+    if ds.val_y is not None and len(ds.val_y) == 0:
+        raise ConfigError(
+            "the validation split is empty: it chooses the checkpoint; raise `val_fraction`"
+        )
+
+
+class _Cycler:
+    """Endless shuffled mini-batches of ``range(n)`` (reshuffled at every pass)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.n:
+            self.perm = torch.randperm(self.n, generator=self.generator)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+
+@torch.no_grad()
+def _accuracy(classifier: LabelGuide, x: torch.Tensor, y: torch.Tensor) -> float:
+    was = classifier.training
+    classifier.eval()
+    try:
+        pred = torch.cat([classifier(x[i : i + 1024]).argmax(-1) for i in range(0, len(x), 1024)])
+    finally:
+        classifier.train(was)
+    return float((pred == y).float().mean())
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` via a temporary file, fsync and ``os.replace``."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def _state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def fit_ssl(
+    config: SSLConfig | dict[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    dataset: Dataset | None = None,
+    figures: bool = True,
+    **options: Any,
+) -> SSLResult:
+    r"""Train the M2 semi-supervised VAE and evaluate its classifier and bound on the test split.
+
+    Args:
+        config: an :class:`SSLConfig`, a dict of its fields, or None for the defaults; keyword
+            ``options`` override single fields (``labels=50``, ``label_guide="relaxed"``).
+        out: run directory (``config.toml``, ``metrics.json``, ``history.csv``,
+            ``checkpoint.pt`` (last epoch), ``best.pt`` (best validation accuracy), figures);
+            None trains in memory only.
+        overwrite: replace an existing run in ``out``.
+        quiet: no progress bar (it is also off when stderr is not a terminal).
+        dataset: an already-loaded :class:`~ppl_vae.data.Dataset` instead of ``config.data``.
+        figures: write figures to ``out/figures``.
+
+    Returns:
+        An :class:`SSLResult`; the model holds the weights of the epoch with the best validation
+        accuracy (ties: the later epoch), which is the one evaluated.
+
+    Raises:
+        ConfigError: bad options or data, before any training step.
+        TrainingError: a non-finite loss.
+
+    Example:
+        >>> r = fit_ssl(labels=50, epochs=30, quiet=True)  # doctest: +SKIP
+        >>> r.metrics["test_accuracy"]  # doctest: +SKIP
+    """
+    with pyro.settings.context(module_local_params=True):
+        return _fit_ssl(config, out, overwrite, quiet, dataset, figures, options)
+
+
+def _fit_ssl(
+    config: Any,
+    out: str | Path | None,
+    overwrite: bool,
+    quiet: bool,
+    dataset: Dataset | None,
+    figures: bool,
+    options: dict[str, Any],
+) -> SSLResult:
+    if isinstance(config, SSLConfig):
+        d = config.to_dict()
+    elif isinstance(config, dict):
+        d = dict(config)
+    elif config is None:
+        d = {}
+    else:
+        raise ConfigError(
+            f"config must be an SSLConfig, a dict or None, got {type(config).__name__}"
+        )
+    d.update(options)
+    cfg = SSLConfig.from_dict(d)
+    run_dir = Path(out) if out is not None else None
+
+    # -- data and every check, before anything trains or touches the run directory --------
+    device = resolve_device(cfg.device)
+    pyro.set_rng_seed(cfg.seed)
+    if dataset is None:
+        dataset = load_data(
+            cfg.data,
+            root=cfg.data_root,
+            download=cfg.download,
+            binarize="static" if cfg.binarize == "static" else "none",
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+            max_train=cfg.max_train,
+            seed=cfg.seed,
+            svhn_extra=cfg.svhn_extra,
+        )
+    elif cfg.svhn_extra:
+        raise ConfigError(
+            "`svhn_extra` applies when the data are loaded by name, not to a dataset="
+        )
+    if dataset.train_y is None:
+        raise ConfigError(
+            f"semi-supervised learning needs labels, but the training split of {dataset.name!r} "
+            "has none (pass a .npz with 'y', or labels= for arrays)"
+        )
+    num_classes = cfg.num_classes if cfg.num_classes is not None else dataset.num_classes
+    if num_classes is None or num_classes < 2:
+        raise ConfigError(
+            f"semi-supervised learning needs at least 2 classes, got num_classes={num_classes}"
+        )
+    _check_labels(dataset, num_classes)
+    assert dataset.train_y is not None and dataset.val_y is not None and dataset.test_y is not None
+    n_train = len(dataset.train_x)
+    if cfg.labels == "all":
+        labelled = np.arange(n_train)
+        unlabelled = np.arange(0)
+        counts = np.bincount(dataset.train_y.numpy(), minlength=num_classes)
+    else:
+        labelled, unlabelled = split_labelled(
+            dataset.train_y, int(cfg.labels), num_classes, cfg.seed
+        )
+        if len(unlabelled) == 0:
+            raise ConfigError(
+                f"`labels`={cfg.labels} labels every training point, which leaves the unlabelled "
+                "set empty, but semi-supervised training needs unlabelled data: pass fewer "
+                "labels, or labels='all' (--labels all) for a conditional VAE"
+            )
+        counts = np.bincount(dataset.train_y.numpy()[labelled], minlength=num_classes)
+    if cfg.class_probs and len(cfg.class_probs) != num_classes:
+        raise ConfigError(
+            f"`class_probs` must have num_classes={num_classes} entries, got {len(cfg.class_probs)}"
+        )
+    likelihood = auto_likelihood(dataset) if cfg.likelihood == "auto" else cfg.likelihood
+    model = build_ssvae(
+        dataset.data_shape,
+        num_classes,
+        prior=cfg.prior,
+        likelihood=likelihood,
+        label_guide=cfg.label_guide,
+        latent_dim=cfg.latent_dim,
+        hidden_dims=cfg.hidden_dims,
+        network=cfg.network,
+        prior_args=cfg.prior_args,
+        likelihood_args=cfg.likelihood_args,
+        label_guide_args=cfg.label_guide_args,
+        num_levels=dataset.num_levels,
+        class_probs=cfg.class_probs or None,
+    )
+    resolved = cfg.to_dict()
+    resolved["likelihood"] = likelihood
+    resolved["num_classes"] = num_classes
+    cfg = SSLConfig.from_dict(resolved)
+    guide_cls = type(model.label_guide)
+    estimator = guide_cls.estimator
+    unlabelled_elbo = make_elbo(estimator, cfg.num_particles, max_plate_nesting=1)
+    labelled_elbo = make_elbo(
+        "tracegraph" if estimator == "tracegraph" else "trace",
+        cfg.num_particles,
+        max_plate_nesting=1,
+    )
+    dataset = dataset.to(device)
+    model.to(device)
+    train_x, val_x, test_x, dynamic = _prepare_data(dataset, model, cfg.binarize, cfg.seed)
+    lab_idx = torch.as_tensor(labelled, device=device)
+    x_l, y_l = train_x[lab_idx], dataset.train_y[lab_idx]
+    x_u = train_x[torch.as_tensor(unlabelled, device=device)]
+    n_l, n_u = len(labelled), len(unlabelled)
+    x_l_eval = x_l  # labelled points for the per-epoch training accuracy, binarised once if needed
+    if dynamic:
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        x_l_eval = torch.bernoulli(x_l.cpu(), generator=g).to(device)
+    semi = n_u > 0
+    b_l = min(cfg.labelled_batch_size or cfg.batch_size, n_l)
+    if run_dir is not None:
+        prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+        for name in SSL_RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        cfg.save(run_dir / "config.toml")
+
+    # -- training ----------------------------------------------------------------------------
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    labelled_batches = _Cycler(n_l, b_l, torch.Generator().manual_seed(cfg.seed + 1))
+    steps_per_epoch = math.ceil(n_u / cfg.batch_size) if semi else math.ceil(n_l / b_l)
+    total_steps = cfg.epochs * steps_per_epoch
+    w_l, w_u = n_l / (n_l + n_u), n_u / (n_l + n_u)
+    annealed = [
+        m for m in model.modules() if m is not model and callable(getattr(m, "anneal", None))
+    ]
+    history: list[dict[str, float]] = []
+    best_acc, best_epoch, best_state = -1.0, 0, _state_copy(model)
+    bar = tqdm(
+        total=total_steps,
+        disable=quiet or not sys.stderr.isatty(),
+        desc="ssl",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    model.train()
+    try:
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
+            perm = torch.randperm(max(n_u, 1), generator=shuffle).to(device)
+            sums = dict.fromkeys(("loss", "labelled_loss", "unlabelled_loss", "class_loss"), 0.0)
+            for b in range(steps_per_epoch):
+                step = epoch * steps_per_epoch + b
+                progress = step / max(1, total_steps - 1)
+                for m in annealed:
+                    m.anneal(progress)
+                idx = labelled_batches.next().to(device)
+                xl, yl = x_l[idx], y_l[idx]
+                if dynamic:
+                    xl = torch.bernoulli(xl)
+                optimizer.zero_grad(set_to_none=True)
+                loss_l = labelled_elbo.differentiable_loss(model.model, model.guide, xl, yl)
+                loss_l = loss_l / len(xl)
+                loss_c = model.classification_loss(xl, yl).mean()
+                loss = w_l * loss_l + cfg.alpha * loss_c
+                loss_u = loss.new_zeros(())
+                if semi:
+                    xu = x_u[perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+                    if dynamic:
+                        xu = torch.bernoulli(xu)
+                    loss_u = unlabelled_elbo.differentiable_loss(model.model, model.guide, xu)
+                    loss_u = loss_u / len(xu)
+                    loss = loss + w_u * loss_u
+                if not bool(torch.isfinite(loss.detach())):
+                    where = (
+                        f"the last checkpoint (epoch {epoch}) is in {str(run_dir)!r}"
+                        if run_dir is not None and epoch > 0
+                        else "no checkpoint was written"
+                    )
+                    raise TrainingError(
+                        f"non-finite loss ({float(loss.detach())}) at epoch {epoch + 1}, step {b + 1} of "
+                        f"{steps_per_epoch}; {where}. Try a lower --lr or --clip-norm."
+                    )
+                loss.backward()
+                if cfg.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+                optimizer.step()
+                for key, value in (
+                    ("loss", loss),
+                    ("labelled_loss", loss_l),
+                    ("unlabelled_loss", loss_u),
+                    ("class_loss", loss_c),
+                ):
+                    sums[key] = sums[key] + value.detach()  # no device sync per step
+                bar.update(1)
+            seconds = time.perf_counter() - t0
+            val_acc = _accuracy(model.label_guide, val_x, dataset.val_y)
+            row: dict[str, float] = {"epoch": float(epoch + 1)}
+            row.update({k: float(v) / steps_per_epoch for k, v in sums.items()})
+            if not semi:
+                row["unlabelled_loss"] = float("nan")
+            row["labelled_accuracy"] = _accuracy(model.label_guide, x_l_eval, y_l)
+            row["val_accuracy"] = val_acc
+            temperature = getattr(model.label_guide, "temperature", None)
+            if temperature is not None:
+                row["temperature"] = float(temperature)
+            row["seconds"] = seconds
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.2f}", val_acc=f"{val_acc:.3f}")
+            improved = val_acc >= best_acc
+            if improved:
+                best_acc, best_epoch, best_state = val_acc, epoch + 1, _state_copy(model)
+            if run_dir is not None:
+                ckpt.save_checkpoint(
+                    run_dir,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "rng": ckpt.rng_state(shuffle),
+                        "config": cfg.to_dict(),
+                        "best_epoch": best_epoch,
+                        "best_val_accuracy": best_acc,
+                    },
+                )
+                if improved:
+                    _copy_atomic(run_dir / ckpt.CHECKPOINT, run_dir / BEST)
+                _write_csv(run_dir / "history.csv", history)
+    finally:
+        bar.close()
+    train_seconds = sum(h["seconds"] for h in history)
+    model.load_state_dict(best_state)
+    model.eval()
+
+    # -- evaluation ----------------------------------------------------------------------------
+    test_y = dataset.test_y
+    pred = model.predict(test_x)
+    per_class = model.elbo_per_class(test_x, cfg.elbo_samples)
+    u = model.unlabelled_elbo(test_x, per_class=per_class)
+    lab = per_class.gather(1, test_y[:, None]).squeeze(1)
+    confusion = _confusion(pred, test_y, num_classes)
+    class_names = list(dataset.class_names or [str(k) for k in range(num_classes)])
+    metrics: dict[str, Any] = {
+        "test_accuracy": float((pred == test_y).float().mean()),
+        "per_class_accuracy": _per_class(confusion, class_names),
+        "test_elbo": float(u.mean()),
+        "test_elbo_labelled": float(lab.mean()),
+        "test_elbo_se": float(u.std() / math.sqrt(len(u))) if len(u) > 1 else float("nan"),
+        "elbo_samples": cfg.elbo_samples,
+        "units": "accuracy in [0, 1]; ELBO in nats per data point",
+        "elbo_definitions": (
+            "test_elbo: unlabelled bound U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)], y summed "
+            "out exactly; test_elbo_labelled: L(x, y) at the true label"
+        ),
+        "label_guide": spec_of(model.label_guide, "label_guide"),
+        "estimator": estimator,
+        "mode": "semi-supervised" if semi else "conditional VAE (every example labelled)",
+        "labels": n_l,
+        "labels_per_class": counts.tolist(),
+        "unlabelled": n_u,
+        "alpha": cfg.alpha,
+        "alpha_paper": cfg.alpha * (n_l + n_u),
+        "best_epoch": best_epoch,
+        "best_val_accuracy": best_acc,
+        "final_val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
+        "epochs": cfg.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "seconds_per_epoch": train_seconds / max(1, len(history)),
+        "train_seconds": train_seconds,
+        "prior": cfg.prior,
+        "likelihood": likelihood,
+        "binarization": "dynamic"
+        if dynamic
+        else ("static" if cfg.binarize == "static" else "none"),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "classifier_parameters": sum(p.numel() for p in model.label_guide.net.parameters()),
+        "device": str(device),
+        "data": dataset.describe(),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+    baseline: LabelGuide | None = None
+    baseline_history: list[dict[str, float]] = []
+    if cfg.baseline == "supervised":
+        pyro.set_rng_seed(cfg.seed + 7919)
+        baseline = build_component(
+            cfg.label_guide,
+            "label_guide",
+            {
+                "data_shape": dataset.data_shape,
+                "num_classes": num_classes,
+                "hidden_dims": tuple(cfg.hidden_dims),
+                "network": cfg.network,
+            },
+            dict(cfg.label_guide_args),
+        ).to(device)
+        baseline_history, b_epoch = train_supervised(
+            baseline,
+            x_l,
+            y_l,
+            val_x,
+            dataset.val_y,
+            epochs=cfg.epochs,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=b_l,
+            lr=cfg.lr,
+            dynamic=dynamic,
+            seed=cfg.seed,
+            patience=cfg.baseline_patience,
+            clip_norm=cfg.clip_norm,
+        )
+        b_pred = torch.cat(
+            [baseline(test_x[i : i + 1024]).argmax(-1) for i in range(0, len(test_x), 1024)]
+        )
+        b_conf = _confusion(b_pred, test_y, num_classes)
+        metrics["baseline"] = "supervised: the same classifier trained on the labelled subset alone"
+        metrics["baseline_test_accuracy"] = float((b_pred == test_y).float().mean())
+        metrics["baseline_per_class_accuracy"] = _per_class(b_conf, class_names)
+        metrics["baseline_best_epoch"] = b_epoch
+        metrics["baseline_best_val_accuracy"] = max(h["val_accuracy"] for h in baseline_history)
+        metrics["baseline_epochs_run"] = len(baseline_history)
+        metrics["baseline_seconds"] = sum(h["seconds"] for h in baseline_history)
+
+    result = SSLResult(
+        model,
+        cfg,
+        dataset,
+        history,
+        metrics,
+        labelled,
+        unlabelled,
+        run_dir,
+        baseline,
+        baseline_history,
+    )
+    if run_dir is not None:
+        if baseline_history:
+            _write_csv(run_dir / "baseline_history.csv", baseline_history)
+        write_metrics(run_dir, metrics)
+        if figures:
+            metrics["figures"] = [
+                p.name for p in write_ssl_figures(result, test_x, pred, confusion)
+            ]
+            write_metrics(run_dir, metrics)
+    return result
+
+
+def train_supervised(
+    classifier: LabelGuide,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    lr: float = 1e-3,
+    dynamic: bool = False,
+    seed: int = 0,
+    patience: int | None = None,
+    clip_norm: float | None = None,
+) -> tuple[list[dict[str, float]], int]:
+    r"""The supervised baseline: train ``classifier`` on ``(x, y)`` alone by cross-entropy.
+
+    .. math:: \min_\phi\ \tfrac{1}{N_l} \sum_{(x, y)} -\log q_\phi(y \mid x)
+
+    It gets the semi-supervised run's budget of labelled mini-batches (``epochs`` times
+    ``steps_per_epoch`` Adam steps of ``batch_size`` labelled points) and is validated once per
+    epoch; it stops after ``patience`` epochs without a better validation accuracy and keeps the
+    weights of its best epoch (ties: the later), as the SSVAE does.
+
+    Returns:
+        ``(history, best_epoch)``; ``classifier`` holds the best weights.
+    """
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+    batches = _Cycler(len(x), batch_size, torch.Generator().manual_seed(seed + 2))
+    history: list[dict[str, float]] = []
+    best_acc, best_epoch, best_state = -1.0, 0, _state_copy(classifier)
+    classifier.train()
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        total = 0.0
+        for _ in range(steps_per_epoch):
+            idx = batches.next().to(x.device)
+            xb, yb = x[idx], y[idx]
+            if dynamic:
+                xb = torch.bernoulli(xb)
+            optimizer.zero_grad(set_to_none=True)
+            loss = -classifier.dist(xb).log_prob(yb).mean()
+            loss.backward()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(classifier.parameters(), clip_norm)
+            optimizer.step()
+            total += float(loss.detach())
+        acc = _accuracy(classifier, val_x, val_y)
+        history.append(
+            {
+                "epoch": float(epoch + 1),
+                "class_loss": total / steps_per_epoch,
+                "labelled_accuracy": _accuracy(classifier, x, y),
+                "val_accuracy": acc,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        if acc >= best_acc:
+            best_acc, best_epoch, best_state = acc, epoch + 1, _state_copy(classifier)
+        elif patience is not None and epoch + 1 - best_epoch >= patience:
+            break
+    classifier.load_state_dict(best_state)
+    classifier.eval()
+    return history, best_epoch
+
+
+def _confusion(pred: torch.Tensor, y: torch.Tensor, k: int) -> np.ndarray:
+    """Counts ``[true, predicted]``, ``(K, K)``."""
+    flat = (y.long() * k + pred.long()).cpu()
+    return torch.bincount(flat, minlength=k * k).reshape(k, k).numpy()
+
+
+def _per_class(confusion: np.ndarray, names: list[str]) -> dict[str, float | None]:
+    totals = confusion.sum(1)
+    return {
+        name: (float(confusion[i, i] / totals[i]) if totals[i] else None)
+        for i, name in enumerate(names)
+    }
+
+
+def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0])
+    lines = [",".join(cols)]
+    for r in rows:
+        lines.append(",".join(str(int(r[c])) if c == "epoch" else f"{r[c]:.6g}" for c in cols))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------------------------
+
+
+def confusion_figure(path: Path, confusion: np.ndarray, names: list[str], title: str) -> Path:
+    """The confusion matrix (rows: true class, columns: predicted), counts in the cells."""
+    from .figures import _figure
+
+    k = confusion.shape[0]
+    fig = _figure(figsize=(1.0 + 0.5 * k, 0.8 + 0.5 * k))
+    ax = fig.add_subplot(1, 1, 1)
+    totals = np.maximum(confusion.sum(1, keepdims=True), 1)
+    im = ax.imshow(confusion / totals, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if confusion[i, j]:
+                colour = "white" if confusion[i, j] / totals[i, 0] > 0.5 else "black"
+                ax.text(
+                    j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7, color=colour
+                )
+    ax.set_xticks(range(k), names, fontsize=7, rotation=90 if max(map(len, names)) > 2 else 0)
+    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def accuracy_figure(
+    path: Path, history: list[dict[str, float]], baseline_history: list[dict[str, float]]
+) -> Path:
+    """Validation accuracy per epoch (and the baseline's), and the training losses."""
+    from .figures import _figure
+
+    fig = _figure(figsize=(10, 4))
+    ax = fig.add_subplot(1, 2, 1)
+    ax.plot(
+        [h["epoch"] for h in history], [h["val_accuracy"] for h in history], label="M2: validation"
+    )
+    ax.plot(
+        [h["epoch"] for h in history],
+        [h["labelled_accuracy"] for h in history],
+        ls=":",
+        label="M2: labelled training points",
+    )
+    if baseline_history:
+        ax.plot(
+            [h["epoch"] for h in baseline_history],
+            [h["val_accuracy"] for h in baseline_history],
+            label="supervised baseline: validation",
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 2, 2)
+    epochs = [h["epoch"] for h in history]
+    for key, label in (
+        ("labelled_loss", "-L(x, y) per labelled point"),
+        ("unlabelled_loss", "-U(x) per unlabelled point"),
+    ):
+        values = [h[key] for h in history]
+        if any(math.isfinite(v) for v in values):
+            ax.plot(epochs, values, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per point (training estimate)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+@torch.no_grad()
+def write_ssl_figures(
+    result: SSLResult, test_x: torch.Tensor, pred: torch.Tensor, confusion: np.ndarray, n: int = 6
+) -> list[Path]:
+    """Confusion matrix, style/content grids and accuracy curves into ``run_dir/figures``."""
+    from .figures import _as_images, image_grid
+
+    model, ds = result.model, result.dataset
+    assert result.run_dir is not None
+    fig_dir = Path(result.run_dir) / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    k = model.num_classes
+    names = list(ds.class_names or [str(i) for i in range(k)])
+    model.eval()
+    acc = result.metrics["test_accuracy"]
+    paths = [
+        confusion_figure(fig_dir / "confusion.png", confusion, names, f"M2 test accuracy {acc:.3f}")
+    ]
+    if result.baseline is not None:
+        b_pred = result.baseline.predict(test_x)
+        b_conf = _confusion(b_pred, ds.test_y, k)
+        b_acc = result.metrics["baseline_test_accuracy"]
+        paths.append(
+            confusion_figure(
+                fig_dir / "confusion_baseline.png",
+                b_conf,
+                names,
+                f"supervised baseline {b_acc:.3f}",
+            )
+        )
+    eye = torch.eye(k, dtype=test_x.dtype, device=test_x.device)
+    # Style from test points: z = E[q(z | x, predicted y)], then every class with that z.
+    x = test_x[:n]
+    z = model.posterior_mean(x, pred[:n])
+    rows, titles = [], []
+    for i in range(len(x)):
+        imgs = model.decode_mean(z[i].expand(k, -1), eye)
+        rows.append(_as_images(torch.cat([x[i : i + 1], imgs]), ds.image_shape))
+        titles.append(f"test point {i}, predicted {names[int(pred[i])]}")
+    paths.append(
+        image_grid(
+            fig_dir / "style_content.png",
+            rows,
+            titles,
+            suptitle=(
+                "style z = E[q(z | x, predicted y)] of a test point x (first column), "
+                f"then y = {', '.join(names)}"
+            ),
+        )
+    )
+    # Style from the prior: z ~ p(z) fixed along a row, y varies along it.
+    z = model.prior().sample((n,))
+    rows = [
+        _as_images(model.decode_mean(z[i].expand(k, -1), eye), ds.image_shape) for i in range(n)
+    ]
+    paths.append(
+        image_grid(
+            fig_dir / "class_samples.png",
+            rows,
+            suptitle=f"z ~ p(z) fixed per row; classes {', '.join(names)} along it (means)",
+        )
+    )
+    paths.append(accuracy_figure(fig_dir / "accuracy.png", result.history, result.baseline_history))
+    # Geometry figures of the prior, from codes of test points.
+    zs = model.posterior_mean(test_x[:2000], pred[:2000])
+    labels = ds.test_y[:2000]
+    paths += [Path(p) for p in model.prior.figures(zs.cpu(), labels.cpu(), fig_dir)]
+    return paths
