@@ -8,13 +8,19 @@ Writing: ``checkpoint.pt`` is first written to a temporary file in the same dire
 flushed and fsync'd, then the previous ``checkpoint.pt`` becomes ``checkpoint.prev.pt`` and the new
 file takes its name (each step an ``os.replace``), so a kill at any moment leaves at least one
 complete checkpoint. Loading falls back to the previous checkpoint, with a warning, if the newest is
-truncated or corrupted.
+missing, truncated or corrupted. A kill can leave temporary files (``.NAME.tmpPID``) behind; they
+are never read, :func:`is_temporary` recognises them and :func:`remove_temporaries` clears them.
+
+A checkpoint that holds a pickled object other than tensors and plain data is refused with a
+one-line :class:`ConfigError`; nothing in it is run.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,25 @@ from .models.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
+
+#: Temporary files of the atomic writes here and in :func:`ppl_vae.config.write_text_atomic`.
+_TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
+
+
+def is_temporary(path: str | Path) -> bool:
+    """Whether ``path`` is a leftover temporary file of an atomic write (``.NAME.tmpPID``)."""
+    return bool(_TEMPORARY.match(Path(path).name))
+
+
+def remove_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``run_dir``; return their paths."""
+    run_dir = Path(run_dir)
+    removed = []
+    for p in run_dir.iterdir() if run_dir.is_dir() else ():
+        if p.is_file() and is_temporary(p):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -76,6 +101,12 @@ def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint (the newest or the previous one)."""
+    run_dir = Path(run_dir)
+    return (run_dir / CHECKPOINT).exists() or (run_dir / PREVIOUS).exists()
+
+
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` as ``run_dir/checkpoint.pt``, keeping the previous one."""
     run_dir = Path(run_dir)
@@ -107,15 +138,45 @@ def _fsync_dir(d: Path) -> None:
 
 def _load(path: Path, map_location: Any) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        with warnings.catch_warnings():
+            # e.g. "Detected pickle protocol 4": the file is refused or read all the same
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found is not None:
+            raise ConfigError(
+                f"checkpoint {str(path)!r} holds a pickled Python object ({found.group(1)}), not "
+                "only tensors and plain data; refused: checkpoints are loaded with "
+                "weights_only=True and no code in them is run"
+            ) from None
+        detail = text.partition("WeightsUnpickler error:")[2].strip() or text
         raise ConfigError(
             f"checkpoint {str(path)!r} is truncated or corrupted "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+            f"(UnpicklingError: {_first_line(detail)})"
+        ) from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ...
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is truncated or corrupted "
+            f"({type(e).__name__}: {_first_line(e)})"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise ConfigError(f"checkpoint {str(path)!r} is not a ppl-vae checkpoint")
     return state
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line for ``load_state_dict``'s error: its first mismatch and how many more there are."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    details = lines[1:] or lines or [type(e).__name__]
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return details[0] + more
+
+
+def _first_line(e: BaseException | str) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def load_checkpoint(run_dir: str | Path, map_location: Any = "cpu") -> dict[str, Any]:

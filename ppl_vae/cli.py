@@ -172,16 +172,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
     given = _config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("fit-%Y%m%d-%H%M%S")
     if args.resume:
-        result = fit(
-            out=out,
-            resume=True,
-            quiet=args.quiet,
-            **{k: v for k, v in given.items() if k in ("epochs", "device")},
-        )
+        for flag, value in (("--config", args.config), ("--overwrite", args.overwrite)):
+            if value:
+                raise ConfigError(
+                    f"--resume continues a run with its saved config; it cannot be combined "
+                    f"with {flag}"
+                )
+        # fit() refuses any option but `epochs` and `device` (one line, exit 2), so a flag
+        # given with --resume is never silently ignored.
+        result = fit(out=out, resume=True, quiet=args.quiet, **given)
     else:
         base = FitConfig.load(args.config).to_dict() if args.config else {}
         base.update(given)
         result = fit(FitConfig.from_dict(base), out=out, overwrite=args.overwrite, quiet=args.quiet)
+    from .distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return 0
     m = result.metrics
     print(
         f"test ELBO {m['test_elbo']:.3f}, test log-likelihood {m['test_log_likelihood']:.3f} "
@@ -289,26 +296,50 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare_cli import register as register_compare
 
     register_compare(sub)
+    from .ssl_cli import register as register_ssl
+
+    register_ssl(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .distributed import environment
     from .train import TrainingError
 
+    # Under torchrun every rank reports its own error; ranks other than 0 say which they are.
+    try:
+        rank = environment()[0]
+    except ConfigError:
+        rank = 0
+    prog = f"ppl-vae {args.command}" + (f" (rank {rank})" if rank else "")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"ppl-vae {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingError as e:
-        print(f"ppl-vae {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError (a RuntimeError) and the CPU allocator's "can't allocate memory"
+        text = str(e).strip()
+        if not isinstance(e, MemoryError) and not any(
+            s in text for s in ("out of memory", "can't allocate memory")
+        ):
+            raise
+        first = text.splitlines()[0] if text else type(e).__name__
+        print(
+            f"{prog}: error: out of memory ({first}); try a smaller --batch-size, --hidden-dims, "
+            "--latent-dim, --num-particles or --log-likelihood-samples",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print(f"ppl-vae {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

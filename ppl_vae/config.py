@@ -22,6 +22,8 @@ else:  # pragma: no cover - Python 3.10
 
 BINARIZE = ("auto", "none", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
+#: The largest float32: parameters are float32, so larger rates and weights overflow them.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -78,13 +80,17 @@ class FitConfig:
             raise ConfigError(f"`device` must be one of {list(DEVICES)}, got {self.device!r}")
         _positive(self, "latent_dim", "num_particles", "epochs", "batch_size")
         _positive(self, "log_likelihood_samples", "log_likelihood_chunk", "lr")
+        if not self.lr <= FLOAT32_MAX:
+            raise ConfigError(f"`lr` must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"`seed` must be an integer in [0, 2**32), got {self.seed}")
         if self.max_train is not None and self.max_train <= 0:
             raise ConfigError(f"`max_train` must be positive, got {self.max_train}")
         if any(h <= 0 for h in self.hidden_dims):
             raise ConfigError(f"`hidden_dims` must be positive integers, got {self.hidden_dims}")
-        if not self.beta > 0 or not math.isfinite(self.beta):
+        if not 0 < self.beta <= FLOAT32_MAX:
             raise ConfigError(f"`beta` must be a finite number > 0, got {self.beta}")
-        if not self.warmup_epochs >= 0 or not math.isfinite(self.warmup_epochs):
+        if not 0 <= self.warmup_epochs <= FLOAT32_MAX:
             raise ConfigError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"`clip_norm` must be positive, got {self.clip_norm}")

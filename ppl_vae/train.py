@@ -6,16 +6,24 @@ weight :math:`\beta \cdot \min(1, t / T_\text{warm-up})` is a ``poutine.scale`` 
 
 Every epoch ends with the validation ELBO and an atomic checkpoint (modules, optimiser, epoch,
 history, RNG states, config), so ``resume=True`` continues to exactly the result an
-uninterrupted run gives on CPU.
+uninterrupted run gives on CPU, wherever the previous process was killed. A run directory with
+its ``config.toml`` but no checkpoint yet (killed in the first epoch) starts again from epoch 0
+with its saved config; one without ``config.toml`` has nothing to resume and is started afresh
+(leftover temporary files of interrupted writes do not count as contents and are cleared).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop trains with DistributedDataParallel; see
+:mod:`ppl_vae.distributed` for the conventions (shards, loss scaling, seeds, rank 0's I/O).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .components import spec_of
 from .config import FitConfig, write_text_atomic
 from .data import Dataset, load_data
@@ -72,13 +81,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Create ``out``; refuse to touch an existing run unless resuming or overwriting."""
+    """Create ``out``; refuse to touch an existing run unless resuming or overwriting.
+
+    Leftover temporary files of interrupted atomic writes do not make a directory a run; they
+    are removed when a fresh run starts in it.
+    """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
-    existing = out.is_dir() and any(out.iterdir())
+    existing = out.is_dir() and any(not ckpt.is_temporary(p) for p in out.iterdir())
     if resume:
         if not existing:
             raise ConfigError(f"nothing to resume: run directory {str(out)!r} is missing or empty")
+        if not (out / "config.toml").is_file():
+            raise ConfigError(
+                f"nothing to resume: run directory {str(out)!r} has no config.toml (the run "
+                "stopped before it wrote one); start it again without --resume"
+            )
         return
     if existing and not overwrite:
         raise ConfigError(
@@ -90,6 +108,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "figures", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_temporaries(out)
 
 
 def _is_binary(x: torch.Tensor) -> bool:
@@ -179,22 +198,28 @@ def fit(
     if isinstance(likelihood, str):
         options["likelihood"], likelihood = likelihood, None
     with pyro.settings.context(module_local_params=True):
-        return _fit(
-            config,
-            out,
-            resume,
-            overwrite,
-            quiet,
-            dataset,
-            prior,
-            likelihood,
-            figures,
-            on_epoch_end,
-            options,
-        )
+        ctx = distributed.setup()
+        try:
+            return _fit(
+                ctx,
+                config,
+                out,
+                resume,
+                overwrite,
+                quiet,
+                dataset,
+                prior,
+                likelihood,
+                figures,
+                on_epoch_end,
+                options,
+            )
+        finally:
+            distributed.teardown(ctx)
 
 
 def _fit(
+    ctx: distributed.Context,
     config: Any,
     out: str | Path | None,
     resume: bool,
@@ -211,15 +236,18 @@ def _fit(
     if resume:
         if run_dir is None:
             raise ConfigError("resume=True needs the run directory `out`")
-        prepare_run_dir(run_dir, resume=True, overwrite=False)
-        saved = FitConfig.load(run_dir / "config.toml")
+
+        def read_saved_config() -> dict[str, Any]:
+            prepare_run_dir(run_dir, resume=True, overwrite=False)
+            return FitConfig.load(run_dir / "config.toml").to_dict()
+
+        d = ctx.on_main(read_saved_config)
         extra = {k: v for k, v in options.items() if k not in ("epochs", "device")}
         if extra:
             raise ConfigError(
                 f"resume uses the run's saved config; only `epochs` and `device` may change, "
                 f"got {sorted(extra)}"
             )
-        d = saved.to_dict()
         d.update(options)
         cfg = FitConfig.from_dict(d)
     else:
@@ -236,7 +264,7 @@ def _fit(
         d.update(options)
         cfg = _config_with_objects(FitConfig.from_dict(d), prior, likelihood)
 
-    device = resolve_device(cfg.device)
+    device = ctx.device(cfg.device) if ctx.enabled else resolve_device(cfg.device)
     pyro.set_rng_seed(cfg.seed)
     if dataset is None:
         dataset = load_data(
@@ -270,29 +298,36 @@ def _fit(
     vae.to(device)
     train_x, val_x, test_x, dynamic = _prepare_data(dataset, vae, cfg.binarize, cfg.seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
-    step_loss = build_loss(elbo, vae)
+    # Alone: the loss itself. Under torchrun: a DDP module whose forward computes it.
+    step_loss = ctx.wrap(vae, build_loss(elbo, vae), device)
     shuffle = torch.Generator().manual_seed(cfg.seed)
 
     history: list[dict[str, float]] = []
     start_epoch = 0
     if run_dir is not None and not resume:
-        prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
-        cfg.save(run_dir / "config.toml")
+
+        def start_run() -> None:
+            prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+            cfg.save(run_dir / "config.toml")
+
+        ctx.on_main(start_run)
     if resume:
         assert run_dir is not None
-        state = ckpt.load_checkpoint(run_dir, map_location=device)
-        try:
-            vae.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ConfigError(
-                f"checkpoint in {str(run_dir)!r} does not match the model its config builds: {e}"
-            ) from None
-        ckpt.set_rng_state(state["rng"], shuffle)
-        history = [dict(h) for h in state["history"]]
-        start_epoch = int(state["epoch"])
-        if cfg.epochs != FitConfig.load(run_dir / "config.toml").epochs:
-            cfg.save(run_dir / "config.toml")
+        # Several processes: rank 0 reads the checkpoint on the CPU and hands it to every rank.
+        where = "cpu" if ctx.enabled else device
+        state = ctx.on_main(lambda: _open_resumed_run(run_dir, cfg, where))
+        if state is not None:
+            try:
+                vae.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise ConfigError(
+                    f"checkpoint in {str(run_dir)!r} does not match the model its config "
+                    f"builds: {ckpt.describe_load_error(e)}"
+                ) from None
+            ckpt.set_rng_state(state["rng"], shuffle)
+            history = [dict(h) for h in state["history"]]
+            start_epoch = int(state["epoch"])
 
     n = train_x.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -302,7 +337,7 @@ def _fit(
     bar = tqdm(
         total=total_steps,
         initial=start_epoch * steps_per_epoch,
-        disable=quiet or not sys.stderr.isatty(),
+        disable=quiet or not sys.stderr.isatty() or not ctx.is_main,
         desc="fit",
         unit="step",
         dynamic_ncols=True,
@@ -311,6 +346,7 @@ def _fit(
     vae.train()
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            ctx.seed_epoch(cfg.seed, epoch)
             t0 = time.perf_counter()
             perm = torch.randperm(n, generator=shuffle).to(device)
             total = train_x.new_zeros(())
@@ -321,7 +357,7 @@ def _fit(
                 vae.kl_scale = cfg.beta * warm
                 for m in annealed:
                     m.anneal(progress)
-                x = train_x[perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+                x = train_x[ctx.shard(perm[b * cfg.batch_size : (b + 1) * cfg.batch_size])]
                 if dynamic:
                     x = torch.bernoulli(x)
                 optimizer.zero_grad(set_to_none=True)
@@ -338,7 +374,7 @@ def _fit(
                         )
                         + f" ({str(e).splitlines()[0]})"
                     ) from None
-                value = loss.detach()
+                value = ctx.loss_value(loss.detach())
                 if not bool(torch.isfinite(value)):
                     raise TrainingError(
                         _nonfinite_message(
@@ -352,7 +388,7 @@ def _fit(
                 total = total + value
                 bar.update(1)
             vae.kl_scale = 1.0
-            val_elbo = mean_elbo(vae, val_x)
+            val_elbo = ctx.on_main(functools.partial(mean_elbo, vae, val_x))
             seconds = time.perf_counter() - t0
             train_seconds += seconds
             row = {
@@ -372,22 +408,109 @@ def _fit(
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, vae, history)
             if run_dir is not None:
-                ckpt.save_checkpoint(
-                    run_dir,
-                    {
-                        "model": vae.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1,
-                        "history": history,
-                        "rng": ckpt.rng_state(shuffle),
-                        "config": cfg.to_dict(),
-                    },
+                # Rank 0 writes; the other ranks wait for it (on_main is a barrier).
+                ctx.on_main(
+                    functools.partial(
+                        _write_epoch, run_dir, vae, optimizer, epoch + 1, history, shuffle, cfg
+                    )
                 )
-                write_history_csv(run_dir / "history.csv", history)
     finally:
         bar.close()
     vae.kl_scale = 1.0
+    ctx.dump(vae)
 
+    kept: list[Scores] = []
+
+    def evaluate_and_write() -> dict[str, Any]:
+        metrics, scores = _test_metrics(
+            vae, cfg, dataset, test_x, history, dynamic, device, train_seconds
+        )
+        if ctx.enabled:
+            metrics["processes"] = ctx.world_size
+        kept.append(scores)
+        if run_dir is not None:
+            write_metrics(run_dir, metrics)
+            write_scores_csv(run_dir / "scores.csv", kept[0], dataset.test_y)
+            if figures:
+                from .figures import write_figures
+
+                result = FitResult(vae, cfg, dataset, history, metrics, run_dir, kept[0])
+                metrics["figures"] = [p.name for p in write_figures(result, test_x)]
+                write_metrics(run_dir, metrics)
+        return metrics
+
+    # Rank 0 scores the test set and writes; every rank returns its metrics.
+    metrics = ctx.on_main(evaluate_and_write)
+    return FitResult(vae, cfg, dataset, history, metrics, run_dir, kept[0] if kept else None)
+
+
+def _open_resumed_run(run_dir: Path, cfg: FitConfig, map_location: Any) -> dict[str, Any] | None:
+    """Rank 0's part of a resume: the newest good checkpoint (None: start again from epoch 0).
+
+    Checks that ``epochs`` is not below what the run has done before anything in the directory
+    changes; then clears leftover temporary files, brings ``history.csv`` up to the checkpoint
+    and saves a raised ``epochs`` into ``config.toml``.
+    """
+    state: dict[str, Any] | None = None
+    if ckpt.has_checkpoint(run_dir):
+        state = ckpt.load_checkpoint(run_dir, map_location=map_location)
+        done = int(state["epoch"])
+        if cfg.epochs < done:
+            raise ConfigError(
+                f"`epochs` must be at least the {done} epochs this run has trained when "
+                f"resuming, got {cfg.epochs}"
+            )
+    else:
+        warnings.warn(
+            f"no checkpoint in {str(run_dir)!r} yet (the run stopped in its first epoch); "
+            "training starts again from epoch 0 with the run's saved config",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    ckpt.remove_temporaries(run_dir)
+    if state is not None:
+        history_csv = run_dir / "history.csv"
+        text = history_text(state["history"])
+        if not history_csv.is_file() or history_csv.read_text(encoding="utf-8") != text:
+            write_history_csv(history_csv, state["history"])
+    if cfg.epochs != FitConfig.load(run_dir / "config.toml").epochs:
+        cfg.save(run_dir / "config.toml")
+    return state
+
+
+def _write_epoch(
+    run_dir: Path,
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    history: list[dict[str, float]],
+    shuffle: torch.Generator,
+    cfg: FitConfig,
+) -> None:
+    """The end-of-epoch writes: the checkpoint, then ``history.csv``."""
+    state = {
+        "model": vae.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "rng": ckpt.rng_state(shuffle),
+        "config": cfg.to_dict(),
+    }
+    ckpt.save_checkpoint(run_dir, state)
+    write_history_csv(run_dir / "history.csv", history)
+
+
+def _test_metrics(
+    vae: VAE,
+    cfg: FitConfig,
+    dataset: Dataset,
+    test_x: torch.Tensor,
+    history: list[dict[str, float]],
+    dynamic: bool,
+    device: torch.device,
+    train_seconds: float,
+) -> tuple[dict[str, Any], Scores]:
+    """Test ELBO and log-likelihood with the run's summary, and the per-point scores."""
     scores = score(
         vae, test_x, num_samples=cfg.log_likelihood_samples, chunk_size=cfg.log_likelihood_chunk
     )
@@ -417,16 +540,7 @@ def _fit(
     prior_summary = vae.prior.summary(vae.codes(test_x))
     if prior_summary:
         metrics["prior_summary"] = prior_summary
-    result = FitResult(vae, cfg, dataset, history, metrics, run_dir, scores)
-    if run_dir is not None:
-        write_metrics(run_dir, metrics)
-        write_scores_csv(run_dir / "scores.csv", scores, dataset.test_y)
-        if figures:
-            from .figures import write_figures
-
-            metrics["figures"] = [p.name for p in write_figures(result, test_x)]
-            write_metrics(run_dir, metrics)
-    return result
+    return metrics, scores
 
 
 def _nonfinite_message(what: str, epoch: int, batch: int, steps: int, run_dir: Path | None) -> str:
@@ -445,11 +559,18 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
 
 
-def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+def history_text(history: list[dict[str, float]]) -> str:
+    """The per-epoch history as CSV text (empty for no epochs)."""
     if not history:
-        return
+        return ""
     cols = list(history[0])
     lines = [",".join(cols)]
     for h in history:
         lines.append(",".join(f"{h[c]:.6g}" if c != "epoch" else str(int(h[c])) for c in cols))
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    write_text_atomic(path, history_text(history))
