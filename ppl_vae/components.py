@@ -8,11 +8,14 @@ its code** (only ever when a user names it), and ``package.module:Class`` import
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import importlib.util
 import inspect
 import pkgutil
 import sys
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -114,15 +117,20 @@ def resolve(spec: str | type, kind: str) -> type:
         raise ConfigError(f"{kind} must be a name, 'file.py:Class' or a class, got {spec!r}")
     elif ":" in spec:
         target, _, cls_name = spec.rpartition(":")
+        if not target or not cls_name:
+            raise ConfigError(
+                f"{kind} {spec!r} must name a module or file and a class, as 'package.module:Class' "
+                "or 'path/to/file.py:Class'"
+            )
         if target.endswith(".py") or "/" in target or "\\" in target:
             module = _import_file(Path(target))
         else:
             try:
                 module = importlib.import_module(target)
-            except ImportError as e:
+            except (ImportError, ValueError, TypeError) as e:
                 raise ConfigError(
                     f"cannot import module {target!r} for {kind} {spec!r}: {e}"
-                ) from e
+                ) from None
         if not hasattr(module, cls_name):
             raise ConfigError(f"{target!r} has no class {cls_name!r} (for {kind} {spec!r})")
         cls = getattr(module, cls_name)
@@ -180,6 +188,13 @@ def build(
             f"{kind} {cls.__name__} has no option(s) {unknown}; it accepts "
             f"{[n for n in params if n not in context]}"
         )
+    hints = _type_hints(cls.__init__)
+    for name, value in args.items():
+        if name in hints and not _matches(value, hints[name]):
+            raise ConfigError(
+                f"{kind} {cls.__name__} option `{name}` must be {_type_name(hints[name])}, "
+                f"got {value!r}"
+            )
     kwargs = {n: v for n, v in context.items() if n in params and n not in args}
     kwargs.update(args)
     missing = [
@@ -192,3 +207,36 @@ def build(
     if missing:
         raise ConfigError(f"{kind} {cls.__name__} needs option(s) {missing}")
     return cls(**kwargs)
+
+
+def _type_hints(fn: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: nothing to check against
+        return {}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a user option value fits a simple annotation; unknown annotations accept all."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        return isinstance(value, list | tuple)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

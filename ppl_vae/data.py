@@ -615,10 +615,10 @@ def _read_file(
     if suffix not in (".npy", ".npz"):
         raise ConfigError(f"{role} file {path} has extension {suffix!r}; expected .npy or .npz")
     try:
-        loaded = np.load(path, allow_pickle=False)
         if suffix == ".npy":
-            return np.asarray(loaded), None, str(path), path.name
-        with loaded:
+            return np.asarray(np.load(path, allow_pickle=False)), None, str(path), path.name
+        # Opened here so the handle is closed even when the archive fails to parse.
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as loaded:
             keys = list(loaded.files)
             xkey = next((k for k in ("x", "data", "X") if k in keys), None)
             if xkey is None:

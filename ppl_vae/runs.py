@@ -72,7 +72,8 @@ def load_run(run_dir: str | Path, device: str = "auto", test_data: str | None = 
             vae.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as e:
             raise ConfigError(
-                f"checkpoint in {str(run_dir)!r} does not match the model its config builds: {e}"
+                f"checkpoint in {str(run_dir)!r} does not match the model its config builds: "
+                f"{ckpt.describe_load_error(e)}"
             ) from None
     vae.to(dev).eval()
     return Run(run_dir, cfg, vae, ds.to(dev), int(state["epoch"]), dev)

@@ -511,23 +511,12 @@ def test_misuse_of_existing_runs(env: Env) -> None:
     assert TRIED["run directories"] >= 40  # hypothesis stops early once the space is exhausted
 
 
-# -- known gaps in components.py (not this task's files): strict xfail until fixed -------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="components.resolve lets importlib's ValueError/TypeError through for an empty or "
-    "relative module name; fix: catch (ImportError, ValueError, TypeError) around "
-    "importlib.import_module(target)",
-)
+# -- component specs, component options, mismatched checkpoints ---------------------------
 @pytest.mark.parametrize("spec", [":", ":Prior", ".rel:Prior"])
 def test_component_spec_without_a_module_is_a_usage_error(env: Env, spec: str) -> None:
     expect_usage_error(env, ["fit", *TINY, "--out", str(env.never), "--prior", spec], "specs")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="components.build passes option values unchecked: GaussianPrior(learn_scale=7) "
-    "trains; fix: check values against the constructor's annotations (bool, int, float, str)",
-)
 @pytest.mark.parametrize("value", ["7", "[1,2]", "maybe"])
 def test_a_wrongly_typed_component_option_is_a_usage_error(
     env: Env, tmp_path: Path, value: str
@@ -536,11 +525,6 @@ def test_a_wrongly_typed_component_option_is_a_usage_error(
     expect_usage_error(env, argv, "component options")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runs.load_run puts load_state_dict's multi-line error into its message; fix: "
-    "use checkpoint.describe_load_error(e) as train.py does",
-)
 def test_evaluating_a_mismatched_checkpoint_is_one_line(env: Env) -> None:
     expect_usage_error(env, ["evaluate", str(env.tampered)], "mismatched evaluate")
 
