@@ -142,6 +142,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help=f"importance samples K for the test log-likelihood (default {d.log_likelihood_samples})",
     )
     g.add_argument(
+        "--figure-draws",
+        action="store_true",
+        default=None,
+        help="reconstruction/sample figures show draws from p(x|z), not its mean",
+    )
+    g.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), help="device (default auto: cuda if available)"
     )
     g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")

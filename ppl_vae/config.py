@@ -60,6 +60,7 @@ class FitConfig:
     # evaluation
     log_likelihood_samples: int = 1000
     log_likelihood_chunk: int = 100
+    figure_draws: bool = False  # figures show draws x ~ p(x|z) instead of E[x|z]
     # execution
     device: str = "auto"
     seed: int = 0

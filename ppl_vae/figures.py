@@ -1,7 +1,7 @@
 r"""Figures of a run, written with matplotlib's object API (no pyplot, no global state).
 
 ``elbo.png`` (training curves), ``reconstructions.png`` (test points and the likelihood's mean
-given their codes), ``samples.png`` (decoded prior samples), ``latent.png`` (posterior means
+given their codes, or draws from it with ``draws=True``), ``samples.png`` (decoded prior samples), ``latent.png`` (posterior means
 coloured by label, PCA-projected when D > 2), ``interpolation.png`` (decoded codes on the
 prior's path between two test points), plus the prior's own geometry figures.
 """
@@ -105,7 +105,9 @@ def latent_scatter(path: Path, z: torch.Tensor, labels: torch.Tensor | None) -> 
 
 
 @torch.no_grad()
-def write_figures(result: Any, test_x: torch.Tensor, n: int = 10) -> list[Path]:
+def write_figures(
+    result: Any, test_x: torch.Tensor, n: int = 10, draws: bool = False
+) -> list[Path]:
     """All figures of a finished :class:`~ppl_vae.train.FitResult` into ``run_dir/figures``."""
     vae, ds = result.vae, result.dataset
     fig_dir = Path(result.run_dir) / "figures"
@@ -114,21 +116,26 @@ def write_figures(result: Any, test_x: torch.Tensor, n: int = 10) -> list[Path]:
     vae.eval()
     paths = [elbo_curve(fig_dir / "elbo.png", result.history, result.metrics.get("test_elbo"))]
     x = test_x[:n]
-    recon = vae.decode_mean(vae.posterior_mean(x))
+
+    def show(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z).sample() if draws else vae.decode_mean(z)
+
+    what = "draw from p(x|z)" if draws else "likelihood mean"
+    recon = show(vae.posterior_mean(x))
     paths.append(
         image_grid(
             fig_dir / "reconstructions.png",
             [_as_images(x, ds.image_shape), _as_images(recon, ds.image_shape)],
-            ["test data", "reconstruction (mean)"],
+            ["test data", f"reconstruction ({what})"],
         )
     )
-    _, samples = vae.sample(4 * n)
+    samples = show(vae.prior().sample((4 * n,)))
     imgs = _as_images(samples, ds.image_shape)
     paths.append(
         image_grid(
             fig_dir / "samples.png",
             [imgs[i * n : (i + 1) * n] for i in range(4)],
-            suptitle="decoded prior samples (likelihood mean)",
+            suptitle=f"decoded prior samples ({what})",
         )
     )
     z = vae.posterior_mean(test_x[:2000])
@@ -140,7 +147,7 @@ def write_figures(result: Any, test_x: torch.Tensor, n: int = 10) -> list[Path]:
         paths.append(
             image_grid(
                 fig_dir / "interpolation.png",
-                [_as_images(vae.decode_mean(path_z), ds.image_shape)],
+                [_as_images(show(path_z), ds.image_shape)],
                 ["test point 0 -> test point 1"],
             )
         )

@@ -14,7 +14,7 @@ from . import checkpoint as ckpt
 from .config import FitConfig, write_text_atomic
 from .data import Dataset, load_data
 from .models.errors import ConfigError
-from .scoring import Scores, score, write_scores_csv
+from .scoring import Scores, bits_per_dim, score, write_scores_csv
 from .train import _prepare_data, resolve_device
 from .vae import VAE, build_vae
 
@@ -106,6 +106,9 @@ def evaluate(
         "log_likelihood_samples": k,
         "num_test_points": int(test_x.shape[0]),
         "epoch": run.epoch,
+        "test_bits_per_dim": bits_per_dim(
+            run.vae.likelihood, s["log_likelihood"], run.dataset.num_levels
+        ),
         "units": "nats per data point",
         "test_data": test_data or cfg.test_data or f"{cfg.data} (test split)",
     }

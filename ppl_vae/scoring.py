@@ -102,6 +102,24 @@ def score(
     return Scores(torch.cat(elbos), torch.cat(lls), num_samples)
 
 
+def bits_per_dim(likelihood: Any, log_likelihood: float, num_levels: int | None) -> float | None:
+    r"""Bits per dimension of a per-point log-likelihood, where the convention is defined.
+
+    For a probability mass function (a likelihood with discrete support) it is
+    :math:`-\log p(x) / (D \ln 2)`; for a density on data quantised to ``num_levels`` levels and
+    scaled to [0, 1], the change of variables to the integer grid adds :math:`\log_2(L - 1)`
+    per dimension (see :func:`ppl_vae.models.likelihoods.units.bits_per_dim`). None otherwise.
+    """
+    from .models.likelihoods.units import bits_per_dim as _bpd
+
+    dims = int(torch.Size(likelihood.data_shape).numel())
+    if likelihood.support.is_discrete:
+        return _bpd(-log_likelihood, dims, None)
+    if num_levels is not None and num_levels > 1:
+        return _bpd(-log_likelihood, dims, num_levels)
+    return None
+
+
 @torch.no_grad()
 def mean_elbo(vae: Any, x: torch.Tensor, batch_size: int = 512) -> float:
     """The ELBO per data point of ``x`` with one sample per point (for per-epoch validation)."""

@@ -41,7 +41,7 @@ from .data import Dataset, load_data
 from .estimators import make_elbo
 from .fastpath import build_loss
 from .models.errors import ConfigError
-from .scoring import Scores, mean_elbo, score, write_scores_csv
+from .scoring import Scores, bits_per_dim, mean_elbo, score, write_scores_csv
 from .vae import VAE, build_vae
 
 RUN_FILES = (
@@ -435,7 +435,9 @@ def _fit(
                 from .figures import write_figures
 
                 result = FitResult(vae, cfg, dataset, history, metrics, run_dir, kept[0])
-                metrics["figures"] = [p.name for p in write_figures(result, test_x)]
+                metrics["figures"] = [
+                    p.name for p in write_figures(result, test_x, draws=cfg.figure_draws)
+                ]
                 write_metrics(run_dir, metrics)
         return metrics
 
@@ -537,6 +539,9 @@ def _test_metrics(
         "device": str(device),
         "data": dataset.describe(),
     }
+    bpd = bits_per_dim(vae.likelihood, summary["log_likelihood"], dataset.num_levels)
+    if bpd is not None:
+        metrics["test_bits_per_dim"] = bpd
     prior_summary = vae.prior.summary(vae.codes(test_x))
     if prior_summary:
         metrics["prior_summary"] = prior_summary

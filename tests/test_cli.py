@@ -61,7 +61,10 @@ def test_evaluate_and_sample(run_dir, tmp_path, capsys):
     assert np.load(target).shape == (8, 64)
     assert target.with_suffix(".png").is_file()
     mean = np.load(target)
-    assert main(["sample", str(run_dir), "-n", "8", "--out", str(target), "--draw", "--overwrite"]) == 0
+    assert (
+        main(["sample", str(run_dir), "-n", "8", "--out", str(target), "--draw", "--overwrite"])
+        == 0
+    )
     drawn = np.load(target)
     assert set(np.unique(drawn)) <= {0.0, 1.0} and not set(np.unique(mean)) <= {0.0, 1.0}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 
 import pytest
@@ -68,6 +69,10 @@ def test_run_directory_contents(tmp_path):
     ):
         assert key in metrics, key
     assert metrics["prior"] == "gaussian" and metrics["estimator"] == "trace"
+    # Bernoulli on binarised digits is a mass function: bits/dim = -log p(x) / (64 ln 2).
+    assert metrics["test_bits_per_dim"] == pytest.approx(
+        -metrics["test_log_likelihood"] / (64 * math.log(2)), rel=1e-9
+    )
     for fig in (
         "elbo.png",
         "reconstructions.png",
