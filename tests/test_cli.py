@@ -88,11 +88,13 @@ def test_prior_and_likelihood_options(tmp_path):
         "1",
         "--hidden-dims",
         "",
+        "--figure-draws",
     ]
     assert main(args) == 0
     cfg = (out / "config.toml").read_text()
     assert 'likelihood_args = { "scale" = "per-element" }' in cfg
     assert "hidden_dims = []" in cfg
+    assert "figure_draws = true" in cfg and (out / "figures" / "samples.png").is_file()
 
 
 def run_cli(argv: list[str]) -> int:
