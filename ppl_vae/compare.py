@@ -74,12 +74,19 @@ import torch
 from pyro import poutine
 
 from .config import FitConfig, write_text_atomic
-from .data import Dataset, load_data
+from .data import Dataset
 from .estimators import make_elbo, parse_estimator
 from .models.errors import ConfigError
 from .scoring import log_weights, mean_elbo
-from .train import TrainingError, _prepare_data, fit, resolve_device
-from .vae import VAE, build_vae
+from .train import (
+    TrainingError,
+    build_config_vae,
+    fit,
+    load_config_data,
+    prepare_data,
+    resolve_device,
+)
+from .vae import VAE
 
 __all__ = [
     "CompareResult",
@@ -298,31 +305,11 @@ def _build_like_fit(cfg: FitConfig, dataset: Dataset) -> VAE:
     a test checks that this reproduces ``fit``'s initial weights.
     """
     pyro.set_rng_seed(cfg.seed)
-    return build_vae(
-        dataset.data_shape,
-        prior=cfg.prior,
-        likelihood=cfg.likelihood,
-        latent_dim=cfg.latent_dim,
-        hidden_dims=cfg.hidden_dims,
-        network=cfg.network,
-        prior_args=cfg.prior_args,
-        likelihood_args=cfg.likelihood_args,
-        num_levels=dataset.num_levels,
-    )
+    return build_config_vae(cfg, dataset)
 
 
 def _load_dataset(cfg: FitConfig, data_seed: int) -> Dataset:
-    return load_data(
-        cfg.data,
-        test_data=cfg.test_data,
-        root=cfg.data_root,
-        download=cfg.download,
-        binarize="static" if cfg.binarize == "static" else "none",
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        max_train=cfg.max_train,
-        seed=data_seed,
-    )
+    return load_config_data(cfg, seed=data_seed)
 
 
 def _fixed_batch(train_x: torch.Tensor, size: int, dynamic: bool, data_seed: int) -> torch.Tensor:
@@ -437,7 +424,7 @@ def _run_one(job: _Job) -> RunRecord:
         dataset = job.dataset if job.dataset is not None else _load_dataset(cfg, job.data_seed)
         reference = _build_like_fit(cfg, dataset)
         digest = initial_weights_digest(reference)
-        _, _, _, dynamic = _prepare_data(dataset, reference, cfg.binarize, cfg.seed)
+        _, _, _, dynamic = prepare_data(dataset, reference, cfg.binarize, cfg.seed)
         batch = _fixed_batch(dataset.train_x, job.grad_batch_size, dynamic, job.data_seed)
         del reference
     elbo = make_elbo(cfg.estimator, cfg.num_particles, cfg.vectorize_particles, max_plate_nesting=1)
@@ -488,7 +475,7 @@ def _run_one(job: _Job) -> RunRecord:
     vae.kl_scale = 1.0
     with pyro.settings.context(module_local_params=True), preserved_rng():
         pyro.set_rng_seed(cfg.seed + 7919)
-        _, _, test_x, _ = _prepare_data(result.dataset, vae, cfg.binarize, cfg.seed)
+        _, _, test_x, _ = prepare_data(result.dataset, vae, cfg.binarize, cfg.seed)
         if job.khat_points > 0:
             xs = test_x[: job.khat_points]
             lw = _importance_log_weights(vae, xs, job.khat_samples, cfg.log_likelihood_chunk)
@@ -604,7 +591,7 @@ def _preflight(cfg: FitConfig, dataset: Dataset, specs: list[str]) -> None:
     """Evaluate every estimator's loss once on two training points: fail before any training."""
     with pyro.settings.context(module_local_params=True), preserved_rng():
         vae = _build_like_fit(cfg, dataset)
-        train_x, _, _, dynamic = _prepare_data(dataset, vae, cfg.binarize, cfg.seed)
+        train_x, _, _, dynamic = prepare_data(dataset, vae, cfg.binarize, cfg.seed)
         x = train_x[:2]
         if dynamic:
             x = torch.bernoulli(x)

@@ -12,11 +12,11 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import FitConfig, write_text_atomic
-from .data import Dataset, load_data
+from .data import Dataset
 from .models.errors import ConfigError
 from .scoring import Scores, bits_per_dim, score, write_scores_csv
-from .train import _prepare_data, resolve_device
-from .vae import VAE, build_vae
+from .train import build_config_vae, load_config_data, prepare_data, resolve_device
+from .vae import VAE
 
 
 @dataclass
@@ -45,28 +45,8 @@ def load_run(run_dir: str | Path, device: str = "auto", test_data: str | None = 
     cfg = FitConfig.load(run_dir / "config.toml")
     dev = resolve_device(device)
     with pyro.settings.context(module_local_params=True):
-        ds = load_data(
-            cfg.data,
-            test_data=test_data if test_data is not None else cfg.test_data,
-            root=cfg.data_root,
-            download=False,
-            binarize="static" if cfg.binarize == "static" else "none",
-            val_fraction=cfg.val_fraction,
-            test_fraction=cfg.test_fraction,
-            max_train=cfg.max_train,
-            seed=cfg.seed,
-        )
-        vae = build_vae(
-            ds.data_shape,
-            prior=cfg.prior,
-            likelihood=cfg.likelihood,
-            latent_dim=cfg.latent_dim,
-            hidden_dims=cfg.hidden_dims,
-            network=cfg.network,
-            prior_args=cfg.prior_args,
-            likelihood_args=cfg.likelihood_args,
-            num_levels=ds.num_levels,
-        )
+        ds = load_config_data(cfg, test_data=test_data, download=False)
+        vae = build_config_vae(cfg, ds)
         state = ckpt.load_checkpoint(run_dir, map_location=dev)
         try:
             vae.load_state_dict(state["model"])
@@ -96,7 +76,7 @@ def evaluate(
     k = num_samples if num_samples is not None else cfg.log_likelihood_samples
     pyro.set_rng_seed(cfg.seed)
     with pyro.settings.context(module_local_params=True):
-        _, _, test_x, _ = _prepare_data(run.dataset, run.vae, cfg.binarize, cfg.seed)
+        _, _, test_x, _ = prepare_data(run.dataset, run.vae, cfg.binarize, cfg.seed)
         scores: Scores = score(run.vae, test_x, num_samples=k, chunk_size=cfg.log_likelihood_chunk)
     s = scores.summary()
     out = {

@@ -111,11 +111,51 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     ckpt.remove_temporaries(out)
 
 
+def load_config_data(
+    cfg: FitConfig,
+    *,
+    test_data: str | None = None,
+    download: bool | None = None,
+    seed: int | None = None,
+) -> Dataset:
+    """The data set a config names, split by its seed (or ``seed``); ``test_data`` replaces
+    the test split; ``download`` overrides the config's flag."""
+    return load_data(
+        cfg.data,
+        test_data=test_data if test_data is not None else cfg.test_data,
+        root=cfg.data_root,
+        download=cfg.download if download is None else download,
+        binarize="static" if cfg.binarize == "static" else "none",
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        max_train=cfg.max_train,
+        seed=cfg.seed if seed is None else seed,
+    )
+
+
+def build_config_vae(
+    cfg: FitConfig, dataset: Dataset, prior: Any = None, likelihood: Any = None
+) -> VAE:
+    """The VAE a config describes, sized for ``dataset``; ``prior``/``likelihood`` may be classes
+    or instances that replace the config's names (an instance brings its own options)."""
+    return build_vae(
+        dataset.data_shape,
+        prior=prior if prior is not None else cfg.prior,
+        likelihood=likelihood if likelihood is not None else cfg.likelihood,
+        latent_dim=cfg.latent_dim,
+        hidden_dims=cfg.hidden_dims,
+        network=cfg.network,
+        prior_args=None if isinstance(prior, torch.nn.Module) else cfg.prior_args,
+        likelihood_args=None if isinstance(likelihood, torch.nn.Module) else cfg.likelihood_args,
+        num_levels=dataset.num_levels,
+    )
+
+
 def _is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
-def _prepare_data(
+def prepare_data(
     ds: Dataset, vae: VAE, binarize: str, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Resolve ``auto`` binarisation and check every split against the likelihood's support."""
@@ -267,36 +307,12 @@ def _fit(
     device = ctx.device(cfg.device) if ctx.enabled else resolve_device(cfg.device)
     pyro.set_rng_seed(cfg.seed)
     if dataset is None:
-        dataset = load_data(
-            cfg.data,
-            test_data=cfg.test_data,
-            root=cfg.data_root,
-            download=cfg.download,
-            binarize="static" if cfg.binarize == "static" else "none",
-            val_fraction=cfg.val_fraction,
-            test_fraction=cfg.test_fraction,
-            max_train=cfg.max_train,
-            seed=cfg.seed,
-        )
-    vae = build_vae(
-        dataset.data_shape,
-        prior=prior if prior is not None else cfg.prior,
-        likelihood=likelihood if likelihood is not None else cfg.likelihood,
-        latent_dim=cfg.latent_dim,
-        hidden_dims=cfg.hidden_dims,
-        network=cfg.network,
-        prior_args=cfg.prior_args
-        if prior is None or not isinstance(prior, torch.nn.Module)
-        else None,
-        likelihood_args=cfg.likelihood_args
-        if likelihood is None or not isinstance(likelihood, torch.nn.Module)
-        else None,
-        num_levels=dataset.num_levels,
-    )
+        dataset = load_config_data(cfg)
+    vae = build_config_vae(cfg, dataset, prior=prior, likelihood=likelihood)
     elbo = make_elbo(cfg.estimator, cfg.num_particles, cfg.vectorize_particles, max_plate_nesting=1)
     dataset = dataset.to(device)
     vae.to(device)
-    train_x, val_x, test_x, dynamic = _prepare_data(dataset, vae, cfg.binarize, cfg.seed)
+    train_x, val_x, test_x, dynamic = prepare_data(dataset, vae, cfg.binarize, cfg.seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     # Alone: the loss itself. Under torchrun: a DDP module whose forward computes it.
     step_loss = ctx.wrap(vae, build_loss(elbo, vae), device)

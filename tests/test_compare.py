@@ -247,14 +247,14 @@ SMALL = dict(
 def test_compare_in_process_every_estimator(tmp_path: Path, monkeypatch) -> None:
     """All columns for every estimator; fit's real initial weights equal across estimators."""
     built: list[str] = []
-    real_build = train_module.build_vae
+    real_build = train_module.build_config_vae
 
     def recording_build(*args, **kwargs):
         vae = real_build(*args, **kwargs)
         built.append(initial_weights_digest(vae))
         return vae
 
-    monkeypatch.setattr(train_module, "build_vae", recording_build)
+    monkeypatch.setattr(train_module, "build_config_vae", recording_build)
     out = tmp_path / "cmp"
     res = compare_estimators(ALL_ESTIMATORS, [0, 1], out=out, isolate=False, **SMALL, **TINY)
     _check_outputs(out, ALL_ESTIMATORS, [0, 1], extra=[])
@@ -288,14 +288,16 @@ def test_build_like_fit_reproduces_fit_initial_weights(monkeypatch) -> None:
     cfg = FitConfig(**{**TINY, "epochs": 1}, seed=4)
     data = _load_dataset(cfg, 0)
     built: list[str] = []
-    real_build = train_module.build_vae
+    real_build = train_module.build_config_vae
     monkeypatch.setattr(
         train_module,
-        "build_vae",
+        "build_config_vae",
         lambda *a, **k: (v := real_build(*a, **k), built.append(initial_weights_digest(v)))[0],
     )
     fit(cfg, dataset=data, quiet=True, figures=False)
-    assert built == [initial_weights_digest(_build_like_fit(cfg, data))]
+    recorded = list(built)
+    monkeypatch.undo()
+    assert recorded == [initial_weights_digest(_build_like_fit(cfg, data))]
 
 
 # -- command line and example -----------------------------------------------------------------
