@@ -279,4 +279,9 @@ def setup() -> Context:
 def teardown(ctx: Context) -> None:
     """Leave the process group if :func:`setup` created it."""
     if ctx.owns_group and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            # No rank closes its connections while a peer still uses them: without this, a
+            # rank that finishes first can make gloo abort its peers at exit under load.
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
