@@ -165,6 +165,15 @@ def register(subparsers: Any) -> None:
         type=int,
         help="stop the baseline after this many epochs without a better validation accuracy (default: whole budget)",
     )
+    g.add_argument("--baseline-lr", type=float, help="the baseline's learning rate (default: --lr)")
+    g.add_argument(
+        "--baseline-epochs", type=int, help="the baseline's budget in epochs (default: --epochs)"
+    )
+    g.add_argument(
+        "--baseline-dropout",
+        type=float,
+        help="the baseline classifier's dropout (default: the label guide's, 0)",
+    )
     g.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), help="device (default auto: cuda if available)"
     )
@@ -174,6 +183,12 @@ def register(subparsers: Any) -> None:
         help=f"random seed: splits, labelled subset, initialisation (default {d.seed})",
     )
     p.add_argument("--out", help="run directory (default runs/ssl-TIMESTAMP)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint with its saved config "
+        "(only --epochs, which may be raised, and --device may be given)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ssl)
@@ -202,13 +217,30 @@ def cmd_ssl(args: argparse.Namespace) -> int:
     from .ssl import SSLConfig, fit_ssl
 
     given = config_from_args(args)
-    base = SSLConfig.load(args.config).to_dict() if args.config else {}
-    base.update(given)
-    cfg = SSLConfig.from_dict(base)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("ssl-%Y%m%d-%H%M%S")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
-    result = fit_ssl(cfg, out=out, overwrite=args.overwrite, quiet=args.quiet)
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out, the run directory to continue")
+        if args.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        if args.config:
+            raise ConfigError("--resume uses the run's saved config.toml; drop --config")
+        extra = sorted(k for k in given if k not in ("epochs", "device"))
+        if extra:
+            flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+            raise ConfigError(
+                f"--resume uses the run's saved config; only --epochs and --device may be "
+                f"given, got {flags}"
+            )
+        out = Path(args.out)
+        result = fit_ssl(out=out, resume=True, quiet=args.quiet, **given)
+    else:
+        base = SSLConfig.load(args.config).to_dict() if args.config else {}
+        base.update(given)
+        cfg = SSLConfig.from_dict(base)
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("ssl-%Y%m%d-%H%M%S")
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+        result = fit_ssl(cfg, out=out, overwrite=args.overwrite, quiet=args.quiet)
     m = result.metrics
     baseline = (
         f" (supervised baseline on the same labels: {m['baseline_test_accuracy']:.4f})"

@@ -201,10 +201,12 @@ def _dataset_with_label(value: int):
         (dict(labels="some"), "`labels` must be a positive integer or 'all'"),
         (dict(label_guide="exhaustive"), "Unknown label_guide 'exhaustive'"),
         (dict(class_probs=[0.5, 0.5]), "`class_probs` must have num_classes=10 entries"),
-        (dict(label_guide_args={"hidden_dims": 5}), "`hidden_dims` must be a list of positive"),
+        (dict(label_guide_args={"hidden_dims": 5}), "`hidden_dims` must be"),
         (dict(label_guide_args={"dropout": 1.5}), r"`dropout` must be a number in \[0, 1\)"),
         (dict(label_guide="relaxed", label_guide_args={"final_temperature": 0}), "positive"),
         (dict(seed=-1), r"`seed` must be an integer in \[0, 2\*\*32\)"),
+        (dict(baseline_dropout=1.0), r"`baseline_dropout` must be a number in \[0, 1\)"),
+        (dict(baseline_lr=0.0), "`baseline_lr` must be a finite number > 0"),
     ],
 )
 def test_bad_input_raises_before_training(tmp_path, options, message):
@@ -336,3 +338,127 @@ def test_example_runs_with_smoke(tmp_path, capsys):
     assert example["main"](argv) == 0
     assert "digits: M2 test accuracy" in capsys.readouterr().out
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+# -- Pyro tools on the model/guide pair ----------------------------------------------------------
+@pytest.mark.parametrize("guide", GUIDES)
+def test_predictive_samples_every_site_for_unlabelled_and_labelled_data(guide):
+    model = _tiny(guide)
+    x = torch.bernoulli(torch.full((5, 4), 0.5))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    predictive = pyro.infer.Predictive(model.model, guide=model.guide, num_samples=3)
+    for args in ((x,), (x, y)):
+        s = predictive(*args)
+        assert {k: tuple(v.shape) for k, v in s.items()} == {
+            "y": (3, 5, 3),  # one-hot (or relaxed one-hot) labels
+            "z": (3, 5, 2),
+            "x": (3, 5, 4),
+        }, args
+        assert torch.equal(s["x"], x.expand(3, 5, 4))  # x is observed by the model
+        assert bool((s["y"] >= 0).all()) and torch.allclose(s["y"].sum(-1), torch.ones(3, 5))
+        assert bool(torch.isfinite(s["z"]).all()) and not torch.equal(s["z"][0], s["z"][1])
+        if len(args) == 2:  # labelled: y is the given label in every sample
+            assert torch.equal(s["y"], torch.nn.functional.one_hot(y, 3).float().expand(3, 5, 3))
+        elif guide != "relaxed":  # exact classes from q(y|x): vertices of the simplex
+            assert bool(((s["y"] == 0) | (s["y"] == 1)).all())
+
+
+# -- resume --------------------------------------------------------------------------------------
+TIMING = ("seconds_per_epoch", "train_seconds", "baseline_seconds")
+
+
+def _same_run(a, b) -> None:
+    """Identical weights (every state_dict tensor), history and metrics but wall-clock times."""
+    for ma, mb in ((a.model, b.model), (a.baseline, b.baseline)):
+        if ma is None:
+            assert mb is None
+            continue
+        sa, sb = ma.state_dict(), mb.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+    assert strip(a.baseline_history) == strip(b.baseline_history)
+    ma = {k: v for k, v in a.metrics.items() if k not in TIMING}
+    mb = {k: v for k, v in b.metrics.items() if k not in TIMING}
+    assert json.dumps(ma, sort_keys=True) == json.dumps(mb, sort_keys=True)
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_gives_exactly_the_uninterrupted_run(tmp_path, monkeypatch):
+    # Relaxed guide (annealed temperature), dropout (global RNG), 8 of 20 labels per step (the
+    # labelled order is mid-permutation at epoch ends) and the baseline: every state must return.
+    opts = dict(labels=20, max_train=120, epochs=3, batch_size=32, labelled_batch_size=8,
+                label_guide="relaxed", label_guide_args={"dropout": 0.2}, baseline="supervised",
+                baseline_epochs=2, baseline_lr=3e-3, figures=False, **TINY)  # fmt: skip
+    whole = fit_ssl(out=tmp_path / "whole", **opts)
+    assert len(whole.baseline_history) == 2  # the baseline's own budget and settings
+    assert whole.metrics["baseline_settings"]["lr"] == 3e-3
+    assert whole.metrics["baseline_settings"]["dropout"] == 0.2  # label_guide_args' by default
+
+    from ppl_vae import checkpoint
+
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(run_dir, state):
+        path = save(run_dir, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # killed after epoch 2's checkpoint
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit_ssl(out=tmp_path / "cut", **opts)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    assert load_checkpoint(tmp_path / "cut")["epoch"] == 2
+    resumed = fit_ssl(out=tmp_path / "cut", resume=True, quiet=True, figures=False)
+    _same_run(whole, resumed)
+    for name in ("checkpoint.pt", "best.pt"):
+        a = torch.load(tmp_path / "whole" / name, weights_only=True)
+        b = torch.load(tmp_path / "cut" / name, weights_only=True)
+        assert a["epoch"] == b["epoch"] and a["best_epoch"] == b["best_epoch"], name
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    for name in ("history.csv", "baseline_history.csv"):
+        drop = lambda t: [r.rsplit(",", 1)[0] for r in t.splitlines()]  # noqa: E731 - seconds
+        assert drop((tmp_path / "whole" / name).read_text()) == drop(
+            (tmp_path / "cut" / name).read_text()
+        )
+
+
+@pytest.mark.slow
+def test_cli_refuses_an_existing_run_and_resumes_it_with_more_epochs(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    argv = ["ssl", "--labels", "20", "--max-train", "120", "--hidden-dims", "16", "--latent-dim",
+            "2", "--batch-size", "32", "--elbo-samples", "1", "--device", "cpu", "--quiet",
+            "--out", str(run)]  # fmt: skip
+    assert _main([*argv, "--epochs", "1"], monkeypatch) == 0
+    capsys.readouterr()
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    # Neither --resume nor --overwrite: a one-line error and the run directory untouched.
+    assert _main([*argv, "--epochs", "2"], monkeypatch) == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="already exists"):
+        fit_ssl(out=run, labels=20, max_train=120, epochs=1, **TINY)
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert after == before
+    # --resume takes only --epochs/--device; a lower --epochs than done is refused.
+    resume = ["ssl", "--out", str(run), "--resume", "--quiet"]
+    assert _main([*resume, "--lr", "0.1"], monkeypatch) == 2
+    assert "only --epochs and --device" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="only `epochs` and `device` may change"):
+        fit_ssl(out=run, resume=True, lr=0.1)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        fit_ssl(out=tmp_path / "missing", resume=True)
+    assert not (tmp_path / "missing").exists()
+    assert _main([*resume, "--epochs", "2"], monkeypatch) == 0
+    assert "2 epochs" in capsys.readouterr().out
+    # Enumeration has no schedule, so 1 epoch + 1 resumed equals 2 uninterrupted epochs.
+    whole = fit_ssl(labels=20, max_train=120, epochs=2, batch_size=32, figures=False, **TINY)
+    saved = load_checkpoint(run)
+    state = whole.model.state_dict()
+    assert saved["epoch"] == 2 and SSLConfig.load(run / "config.toml").epochs == 2
+    assert all(torch.equal(saved["model"][k], state[k]) for k in state)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["test_accuracy"] == whole.metrics["test_accuracy"]
+    assert m["test_elbo"] == pytest.approx(whole.metrics["test_elbo"], abs=0)
+    assert _main([*resume, "--epochs", "1"], monkeypatch) == 2
+    assert "`epochs` must be at least the 2 epochs" in capsys.readouterr().err
