@@ -11,9 +11,12 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .models.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,9 +29,75 @@ DEVICES = ("auto", "cpu", "cuda")
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+class ConfigFile:
+    """Round trips of a config dataclass through dicts, TOML and JSON (never pickles).
+
+    Subclasses are dataclasses that validate in ``__post_init__``; ``_toml_header`` is the first
+    line of the TOML file. Integers given for ``float`` fields are converted; tuples for list
+    fields become lists; unknown keys are an error naming the known ones.
+    """
+
+    _toml_header = "# ppl-vae configuration"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> Self:
+        known = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        for name, value in d.items():
+            hint = known[name]
+            if hint.startswith("list") and isinstance(value, tuple):
+                d[name] = list(value)
+            elif "float" in hint and isinstance(value, int) and not isinstance(value, bool):
+                d[name] = float(value)
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_toml(self) -> str:
+        lines = [self._toml_header]
+        for key, value in self.to_dict().items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        """Write TOML (``.toml``) or JSON (anything else), atomically."""
+        path = Path(path)
+        text = self.to_toml() if path.suffix == ".toml" else json.dumps(self.to_dict(), indent=2)
+        write_text_atomic(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """Read a TOML or JSON config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = path.read_bytes()
+            d = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"could not parse config file {str(path)!r}: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a table of options")
+        return cls.from_dict(d, source=str(path))
+
+
 @dataclass
-class FitConfig:
+class FitConfig(ConfigFile):
     """Everything that defines a training run. Every field has a default (digits, Gaussian VAE)."""
+
+    _toml_header = (
+        "# ppl-vae run configuration; `ppl-vae fit --config THIS_FILE` reproduces the run"
+    )
 
     # data
     data: str = "digits"
@@ -104,60 +173,6 @@ class FitConfig:
                 "`val_fraction` + `test_fraction` must be < 1, got "
                 f"{self.val_fraction} + {self.test_fraction}"
             )
-
-    # -- round trips ------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> FitConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if "hidden_dims" in d and isinstance(d["hidden_dims"], tuple):
-            d["hidden_dims"] = list(d["hidden_dims"])
-        for name in ("lr", "beta", "warmup_epochs", "val_fraction", "test_fraction", "clip_norm"):
-            if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
-                d[name] = float(d[name])
-        try:
-            return cls(**d)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-
-    def to_toml(self) -> str:
-        lines = ["# ppl-vae run configuration; `ppl-vae fit --config THIS_FILE` reproduces the run"]
-        for key, value in self.to_dict().items():
-            if value is None:
-                lines.append(f"# {key} = (unset)")
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
-
-    def save(self, path: str | Path) -> None:
-        """Write TOML (``.toml``) or JSON (anything else), atomically."""
-        path = Path(path)
-        text = self.to_toml() if path.suffix == ".toml" else json.dumps(self.to_dict(), indent=2)
-        write_text_atomic(path, text)
-
-    @classmethod
-    def load(cls, path: str | Path) -> FitConfig:
-        """Read a TOML or JSON config file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = path.read_bytes()
-            if path.suffix == ".json":
-                d = json.loads(raw)
-            else:
-                d = tomllib.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"could not parse config file {str(path)!r}: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a table of options")
-        return cls.from_dict(d, source=str(path))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -40,9 +40,7 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -63,7 +61,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .components import build as build_component
 from .components import spec_of
-from .config import DEVICES, FLOAT32_MAX, _check_type, _toml_value, tomllib, write_text_atomic
+from .config import DEVICES, FLOAT32_MAX, ConfigFile, _check_type, write_text_atomic
 from .data import Dataset, load_data
 from .estimators import make_elbo
 from .guides.encoders import ConvEncoder, Encoder, MLPEncoder
@@ -97,7 +95,7 @@ SSL_RUN_FILES = ("baseline_history.csv", BEST)
 
 
 @dataclass
-class SSLConfig:
+class SSLConfig(ConfigFile):
     r"""Everything that defines a semi-supervised run; every field has a default (digits, M2).
 
     Fields not in :class:`~ppl_vae.FitConfig`:
@@ -135,6 +133,10 @@ class SSLConfig:
             that it can be tuned on validation accuracy as the M2 model is, rather than
             inheriting the M2 model's.
     """
+
+    _toml_header = (
+        "# ppl-vae ssl configuration; `ppl-vae ssl --config THIS_FILE` reproduces the run"
+    )
 
     # data
     data: str = "digits"
@@ -244,66 +246,6 @@ class SSLConfig:
                 "`val_fraction` + `test_fraction` must be < 1, got "
                 f"{self.val_fraction} + {self.test_fraction}"
             )
-
-    # -- round trips (as FitConfig) -----------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> SSLConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        for name in ("hidden_dims", "class_probs"):
-            if isinstance(d.get(name), tuple):
-                d[name] = list(d[name])
-        for name in (
-            "lr",
-            "alpha",
-            "val_fraction",
-            "test_fraction",
-            "clip_norm",
-            "baseline_lr",
-            "baseline_dropout",
-        ):
-            if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
-                d[name] = float(d[name])
-        try:
-            return cls(**d)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-
-    def to_toml(self) -> str:
-        lines = ["# ppl-vae ssl configuration; `ppl-vae ssl --config THIS_FILE` reproduces the run"]
-        for key, value in self.to_dict().items():
-            if value is None:
-                lines.append(f"# {key} = (unset)")
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
-
-    def save(self, path: str | Path) -> None:
-        """Write TOML (``.toml``) or JSON (anything else), atomically."""
-        path = Path(path)
-        text = self.to_toml() if path.suffix == ".toml" else json.dumps(self.to_dict(), indent=2)
-        write_text_atomic(path, text)
-
-    @classmethod
-    def load(cls, path: str | Path) -> SSLConfig:
-        """Read a TOML or JSON config file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = path.read_bytes()
-            d = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"could not parse config file {str(path)!r}: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a table of options")
-        return cls.from_dict(d, source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------
