@@ -59,6 +59,7 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .components import build as build_component
 from .components import spec_of
 from .config import DEVICES, FLOAT32_MAX, ConfigFile, _check_type, write_text_atomic
@@ -709,7 +710,7 @@ def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> di
             f"no checkpoint in {str(run_dir)!r} yet (the run stopped in its first epoch); "
             "training starts again from epoch 0 with the run's saved config",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=6,  # _open_resumed_run < lambda < on_main < _fit_ssl < fit_ssl < caller
         )
     ckpt.remove_temporaries(run_dir)
     for name in ("metrics.json", *SSL_RUN_FILES[:1]):
@@ -719,6 +720,16 @@ def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> di
     if cfg.epochs != SSLConfig.load(run_dir / "config.toml").epochs:
         cfg.save(run_dir / "config.toml")
     return state
+
+
+def _write_epoch(run_dir: Path, checkpoint: dict[str, Any], improved: bool) -> None:
+    """Save an epoch's checkpoint (and ``best.pt`` if it improved) and ``history.csv``."""
+    # best.pt first: a kill between the two writes replays this epoch on resume, which writes
+    # the same best.pt again.
+    if improved:
+        _save_atomic(run_dir / BEST, checkpoint)
+    ckpt.save_checkpoint(run_dir, checkpoint)
+    _write_csv(run_dir / "history.csv", checkpoint["history"])
 
 
 def _state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -758,6 +769,17 @@ def fit_ssl(
         dataset: an already-loaded :class:`~ppl_vae.data.Dataset` instead of ``config.data``.
         figures: write figures to ``out/figures``.
 
+    Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1``) the N processes train one model
+    with DistributedDataParallel, as :func:`ppl_vae.fit` does (:mod:`ppl_vae.distributed`):
+    every rank draws the same global labelled and unlabelled batches from the shared seed and
+    takes its shard of each; the whole step loss (labelled and unlabelled bounds and the
+    classification term, each divided by its *global* batch size) is computed inside the DDP
+    module's forward. Rank 0 alone reads and writes the run directory, measures the validation
+    accuracies (so it chooses ``best.pt``; every rank receives them and keeps the same best
+    weights), computes the test metrics, trains the supervised baseline and writes the figures;
+    the other ranks' results carry its metrics and baseline history but ``baseline=None``. With
+    one process the run is bit for bit the single-process one.
+
     Returns:
         An :class:`SSLResult`; the model holds the weights of the epoch with the best validation
         accuracy (ties: the later epoch), which is the one evaluated.
@@ -772,10 +794,77 @@ def fit_ssl(
         >>> r.metrics["test_accuracy"]  # doctest: +SKIP
     """
     with pyro.settings.context(module_local_params=True):
-        return _fit_ssl(config, out, resume, overwrite, quiet, dataset, figures, options)
+        ctx = distributed.setup()
+        try:
+            return _fit_ssl(ctx, config, out, resume, overwrite, quiet, dataset, figures, options)
+        finally:
+            distributed.teardown(ctx)
+
+
+class _StepLoss:
+    r"""One step's objective on this process's shard of the labelled and unlabelled batches.
+
+    Called as ``loss(torch.cat([x_l, x_u]))`` after :attr:`labels` is set to ``y_l`` (one tensor
+    argument, the form :meth:`ppl_vae.distributed.Context.wrap` takes, so that under ``torchrun``
+    the whole step loss is computed inside the DDP module's forward). With :math:`B_l, B_u` the
+    sizes of the *global* batches and :math:`l_r, u_r` this rank's shards,
+
+    .. math:: J_r = \frac{w_l}{B_l} \sum_{i \in l_r} -\mathcal{L}(x_i, y_i)
+        + \frac{\alpha}{B_l} \sum_{i \in l_r} -\log q_\phi(y_i \mid x_i)
+        + \frac{w_u}{B_u} \sum_{i \in u_r} -\mathcal{U}(x_i),
+
+    so the shards' losses sum to the single-process step loss :math:`J` (in one process the
+    shards are the batches and the factors ``len(shard) / B`` are exactly 1). Dynamic
+    binarisation happens here, labelled points first, in the order of the single-process loop.
+    After a call :attr:`parts` holds this rank's detached ``(labelled, unlabelled, class)``
+    terms (each already scaled by ``len(shard) / B``).
+    """
+
+    def __init__(
+        self,
+        model: SSVAE,
+        labelled_elbo: Any,
+        unlabelled_elbo: Any,
+        alpha: float,
+        w_l: float,
+        w_u: float,
+        dynamic: bool,
+    ) -> None:
+        self.model, self.labelled_elbo, self.unlabelled_elbo = model, labelled_elbo, unlabelled_elbo
+        self.alpha, self.w_l, self.w_u, self.dynamic = alpha, w_l, w_u, dynamic
+        self.labels = torch.zeros(0, dtype=torch.long)
+        self.sizes = (1, 1)  # (B_l, B_u): the global batch sizes of this step
+        self.parts = torch.zeros(3)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        n_l = len(self.labels)
+        b_l, b_u = self.sizes
+        zero = x.new_zeros(())
+        self.parts = x.new_zeros(3)
+        loss_l = loss_c = zero
+        if n_l:
+            xl, yl = x[:n_l], self.labels
+            if self.dynamic:
+                xl = torch.bernoulli(xl)
+            loss_l = self.labelled_elbo.differentiable_loss(model.model, model.guide, xl, yl)
+            loss_l = loss_l / n_l * (n_l / b_l)
+            loss_c = model.classification_loss(xl, yl).mean() * (n_l / b_l)
+        loss = self.w_l * loss_l + self.alpha * loss_c
+        loss_u = zero
+        xu = x[n_l:]
+        if len(xu):
+            if self.dynamic:
+                xu = torch.bernoulli(xu)
+            loss_u = self.unlabelled_elbo.differentiable_loss(model.model, model.guide, xu)
+            loss_u = loss_u / len(xu) * (len(xu) / b_u)
+            loss = loss + self.w_u * loss_u
+        self.parts = torch.stack([loss_l.detach(), loss_u.detach(), loss_c.detach()])
+        return loss
 
 
 def _fit_ssl(
+    ctx: distributed.Context,
     config: Any,
     out: str | Path | None,
     resume: bool,
@@ -800,8 +889,12 @@ def _fit_ssl(
                 f"resume uses the run's saved config; only `epochs` and `device` may change, "
                 f"got {extra}"
             )
-        prepare_run_dir(run_dir, resume=True, overwrite=False)
-        d = SSLConfig.load(run_dir / "config.toml").to_dict()
+
+        def read_saved_config() -> dict[str, Any]:
+            prepare_run_dir(run_dir, resume=True, overwrite=False)
+            return SSLConfig.load(run_dir / "config.toml").to_dict()
+
+        d = ctx.on_main(read_saved_config)
     elif isinstance(config, SSLConfig):
         d = config.to_dict()
     elif isinstance(config, dict):
@@ -816,7 +909,7 @@ def _fit_ssl(
     cfg = SSLConfig.from_dict(d)
 
     # -- data and every check, before anything trains or touches the run directory --------
-    device = resolve_device(cfg.device)
+    device = ctx.device(cfg.device) if ctx.enabled else resolve_device(cfg.device)
     pyro.set_rng_seed(cfg.seed)
     if dataset is None:
         dataset = load_data(
@@ -910,12 +1003,18 @@ def _fit_ssl(
     state: dict[str, Any] | None = None
     if resume:
         assert run_dir is not None
-        state = _open_resumed_run(run_dir, cfg, device)
+        # Several processes: rank 0 reads the checkpoint on the CPU and hands it to every rank.
+        where = torch.device("cpu") if ctx.enabled else device
+        state = ctx.on_main(lambda: _open_resumed_run(run_dir, cfg, where))
     elif run_dir is not None:
-        prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
-        for name in SSL_RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        cfg.save(run_dir / "config.toml")
+
+        def start_run() -> None:
+            prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+            for name in SSL_RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+            cfg.save(run_dir / "config.toml")
+
+        ctx.on_main(start_run)
 
     # -- training ----------------------------------------------------------------------------
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -924,6 +1023,10 @@ def _fit_ssl(
     steps_per_epoch = math.ceil(n_u / cfg.batch_size) if semi else math.ceil(n_l / b_l)
     total_steps = cfg.epochs * steps_per_epoch
     w_l, w_u = n_l / (n_l + n_u), n_u / (n_l + n_u)
+    step = _StepLoss(model, labelled_elbo, unlabelled_elbo, cfg.alpha, w_l, w_u, dynamic)
+    # Alone: the loss itself. Under torchrun: a DDP module whose forward computes it.
+    step_loss = ctx.wrap(model, step, device)
+    x_none = x_u[:0]  # the unlabelled shard of a conditional VAE's step
     annealed = [
         m for m in model.modules() if m is not model and callable(getattr(m, "anneal", None))
     ]
@@ -951,7 +1054,7 @@ def _fit_ssl(
     bar = tqdm(
         total=total_steps,
         initial=start_epoch * steps_per_epoch,
-        disable=quiet or not sys.stderr.isatty(),
+        disable=quiet or not sys.stderr.isatty() or not ctx.is_main,
         desc="ssl",
         unit="step",
         dynamic_ncols=True,
@@ -959,60 +1062,61 @@ def _fit_ssl(
     model.train()
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            ctx.seed_epoch(cfg.seed, epoch)
             t0 = time.perf_counter()
             perm = torch.randperm(max(n_u, 1), generator=shuffle).to(device)
             sums = dict.fromkeys(("loss", "labelled_loss", "unlabelled_loss", "class_loss"), 0.0)
             for b in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + b
-                progress = step / max(1, total_steps - 1)
+                progress = (epoch * steps_per_epoch + b) / max(1, total_steps - 1)
                 for m in annealed:
                     m.anneal(progress)
-                idx = labelled_batches.next().to(device)
-                xl, yl = x_l[idx], y_l[idx]
-                if dynamic:
-                    xl = torch.bernoulli(xl)
-                optimizer.zero_grad(set_to_none=True)
-                loss_l = labelled_elbo.differentiable_loss(model.model, model.guide, xl, yl)
-                loss_l = loss_l / len(xl)
-                loss_c = model.classification_loss(xl, yl).mean()
-                loss = w_l * loss_l + cfg.alpha * loss_c
-                loss_u = loss.new_zeros(())
+                # Every rank draws the same global batches and takes its shard of each.
+                lab_batch = labelled_batches.next().to(device)
+                idx = ctx.shard(lab_batch)
+                step.labels = y_l[idx]
                 if semi:
-                    xu = x_u[perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-                    if dynamic:
-                        xu = torch.bernoulli(xu)
-                    loss_u = unlabelled_elbo.differentiable_loss(model.model, model.guide, xu)
-                    loss_u = loss_u / len(xu)
-                    loss = loss + w_u * loss_u
-                if not bool(torch.isfinite(loss.detach())):
+                    unl_batch = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                    xu = x_u[ctx.shard(unl_batch)]
+                    step.sizes = (len(lab_batch), len(unl_batch))
+                else:
+                    xu = x_none
+                    step.sizes = (len(lab_batch), 1)
+                optimizer.zero_grad(set_to_none=True)
+                loss = step_loss(torch.cat([x_l[idx], xu]))
+                # (loss, labelled, unlabelled, class) of the global batch, summed over shards
+                value = ctx.loss_value(
+                    torch.cat([loss.detach().reshape(1), step.parts * ctx.world_size])
+                )
+                if not bool(torch.isfinite(value[0])):
                     where = (
                         f"the last checkpoint (epoch {epoch}) is in {str(run_dir)!r}"
                         if run_dir is not None and epoch > 0
                         else "no checkpoint was written"
                     )
                     raise TrainingError(
-                        f"non-finite loss ({float(loss.detach())}) at epoch {epoch + 1}, step {b + 1} of "
-                        f"{steps_per_epoch}; {where}. Try a lower --lr or --clip-norm."
+                        f"non-finite loss ({float(value[0])}) at epoch {epoch + 1}, step {b + 1} "
+                        f"of {steps_per_epoch}; {where}. Try a lower --lr or --clip-norm."
                     )
                 loss.backward()
                 if cfg.clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
                 optimizer.step()
-                for key, value in (
-                    ("loss", loss),
-                    ("labelled_loss", loss_l),
-                    ("unlabelled_loss", loss_u),
-                    ("class_loss", loss_c),
-                ):
-                    sums[key] = sums[key] + value.detach()  # no device sync per step
+                for i, key in enumerate(sums):
+                    sums[key] = sums[key] + value[i]  # no device sync per step
                 bar.update(1)
             seconds = time.perf_counter() - t0
-            val_acc = _accuracy(model.label_guide, val_x, dataset.val_y)
+            # Rank 0 measures the accuracies (it chooses best.pt); every rank receives them.
+            val_acc, lab_acc = ctx.on_main(
+                lambda: (
+                    _accuracy(model.label_guide, val_x, dataset.val_y),
+                    _accuracy(model.label_guide, x_l_eval, y_l),
+                )
+            )
             row: dict[str, float] = {"epoch": float(epoch + 1)}
             row.update({k: float(v) / steps_per_epoch for k, v in sums.items()})
             if not semi:
                 row["unlabelled_loss"] = float("nan")
-            row["labelled_accuracy"] = _accuracy(model.label_guide, x_l_eval, y_l)
+            row["labelled_accuracy"] = lab_acc
             row["val_accuracy"] = val_acc
             temperature = getattr(model.label_guide, "temperature", None)
             if temperature is not None:
@@ -1040,140 +1144,152 @@ def _fit_ssl(
                     "best_val_accuracy": best_acc,
                     "best_model": best_state,
                 }
-                # best.pt first: a kill between the two writes replays this epoch on resume,
-                # which writes the same best.pt again.
-                if improved:
-                    _save_atomic(run_dir / BEST, checkpoint)
-                ckpt.save_checkpoint(run_dir, checkpoint)
-                _write_csv(run_dir / "history.csv", history)
+                # Rank 0 writes; the other ranks wait for it (on_main is a barrier).
+                ctx.on_main(functools.partial(_write_epoch, run_dir, checkpoint, improved))
     finally:
         bar.close()
-    train_seconds = sum(h["seconds"] for h in history)
     model.load_state_dict(best_state)
     model.eval()
+    ctx.dump(model)
 
-    # -- evaluation ----------------------------------------------------------------------------
-    test_y = dataset.test_y
-    pred = model.predict(test_x)
-    per_class = model.elbo_per_class(test_x, cfg.elbo_samples)
-    u = model.unlabelled_elbo(test_x, per_class=per_class)
-    lab = per_class.gather(1, test_y[:, None]).squeeze(1)
-    confusion = _confusion(pred, test_y, num_classes)
-    class_names = list(dataset.class_names or [str(k) for k in range(num_classes)])
-    metrics: dict[str, Any] = {
-        "test_accuracy": float((pred == test_y).float().mean()),
-        "per_class_accuracy": _per_class(confusion, class_names),
-        "test_elbo": float(u.mean()),
-        "test_elbo_labelled": float(lab.mean()),
-        "test_elbo_se": float(u.std() / math.sqrt(len(u))) if len(u) > 1 else float("nan"),
-        "elbo_samples": cfg.elbo_samples,
-        "units": "accuracy in [0, 1]; ELBO in nats per data point",
-        "elbo_definitions": (
-            "test_elbo: unlabelled bound U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)], y summed "
-            "out exactly; test_elbo_labelled: L(x, y) at the true label"
-        ),
-        "label_guide": spec_of(model.label_guide, "label_guide"),
-        "estimator": estimator,
-        "mode": "semi-supervised" if semi else "conditional VAE (every example labelled)",
-        "labels": n_l,
-        "labels_per_class": counts.tolist(),
-        "unlabelled": n_u,
-        "alpha": cfg.alpha,
-        "alpha_paper": cfg.alpha * (n_l + n_u),
-        "best_epoch": best_epoch,
-        "best_val_accuracy": best_acc,
-        "final_val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
-        "epochs": cfg.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "seconds_per_epoch": train_seconds / max(1, len(history)),
-        "train_seconds": train_seconds,
-        "prior": cfg.prior,
-        "likelihood": likelihood,
-        "binarization": "dynamic"
-        if dynamic
-        else ("static" if cfg.binarize == "static" else "none"),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "classifier_parameters": sum(p.numel() for p in model.label_guide.net.parameters()),
-        "device": str(device),
-        "data": dataset.describe(),
-        "confusion_matrix": confusion.tolist(),
-    }
+    train_seconds = sum(h["seconds"] for h in history)
+    kept: list[SSLResult] = []
 
-    baseline: LabelGuide | None = None
-    baseline_history: list[dict[str, float]] = []
-    if cfg.baseline == "supervised":
-        pyro.set_rng_seed(cfg.seed + 7919)
-        b_args = dict(cfg.label_guide_args)
-        if cfg.baseline_dropout is not None:
-            b_args["dropout"] = cfg.baseline_dropout
-        baseline = build_component(
-            cfg.label_guide,
-            "label_guide",
-            {
-                "data_shape": dataset.data_shape,
-                "num_classes": num_classes,
-                "hidden_dims": tuple(cfg.hidden_dims),
-                "network": cfg.network,
-            },
-            b_args,
-        ).to(device)
-        baseline_history, b_epoch = train_supervised(
-            baseline,
-            x_l,
-            y_l,
-            val_x,
-            dataset.val_y,
-            epochs=cfg.baseline_epochs or cfg.epochs,
-            steps_per_epoch=steps_per_epoch,
-            batch_size=b_l,
-            lr=cfg.baseline_lr or cfg.lr,
-            dynamic=dynamic,
-            seed=cfg.seed,
-            patience=cfg.baseline_patience,
-            clip_norm=cfg.clip_norm,
-        )
-        b_pred = torch.cat(
-            [baseline(test_x[i : i + 1024]).argmax(-1) for i in range(0, len(test_x), 1024)]
-        )
-        b_conf = _confusion(b_pred, test_y, num_classes)
-        metrics["baseline"] = "supervised: the same classifier trained on the labelled subset alone"
-        metrics["baseline_test_accuracy"] = float((b_pred == test_y).float().mean())
-        metrics["baseline_per_class_accuracy"] = _per_class(b_conf, class_names)
-        metrics["baseline_best_epoch"] = b_epoch
-        metrics["baseline_best_val_accuracy"] = max(h["val_accuracy"] for h in baseline_history)
-        metrics["baseline_epochs_run"] = len(baseline_history)
-        metrics["baseline_seconds"] = sum(h["seconds"] for h in baseline_history)
-        metrics["baseline_settings"] = {
-            "lr": cfg.baseline_lr or cfg.lr,
-            "epochs": cfg.baseline_epochs or cfg.epochs,
-            "dropout": b_args.get("dropout", 0.0),
-            "patience": cfg.baseline_patience,
-            "batch_size": b_l,
+    def evaluate_and_write() -> tuple[dict[str, Any], list[dict[str, float]]]:
+        test_y = dataset.test_y
+        pred = model.predict(test_x)
+        per_class = model.elbo_per_class(test_x, cfg.elbo_samples)
+        u = model.unlabelled_elbo(test_x, per_class=per_class)
+        lab = per_class.gather(1, test_y[:, None]).squeeze(1)
+        confusion = _confusion(pred, test_y, num_classes)
+        class_names = list(dataset.class_names or [str(k) for k in range(num_classes)])
+        metrics: dict[str, Any] = {
+            "test_accuracy": float((pred == test_y).float().mean()),
+            "per_class_accuracy": _per_class(confusion, class_names),
+            "test_elbo": float(u.mean()),
+            "test_elbo_labelled": float(lab.mean()),
+            "test_elbo_se": float(u.std() / math.sqrt(len(u))) if len(u) > 1 else float("nan"),
+            "elbo_samples": cfg.elbo_samples,
+            "units": "accuracy in [0, 1]; ELBO in nats per data point",
+            "elbo_definitions": (
+                "test_elbo: unlabelled bound U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)], y summed "
+                "out exactly; test_elbo_labelled: L(x, y) at the true label"
+            ),
+            "label_guide": spec_of(model.label_guide, "label_guide"),
+            "estimator": estimator,
+            "mode": "semi-supervised" if semi else "conditional VAE (every example labelled)",
+            "labels": n_l,
+            "labels_per_class": counts.tolist(),
+            "unlabelled": n_u,
+            "alpha": cfg.alpha,
+            "alpha_paper": cfg.alpha * (n_l + n_u),
+            "best_epoch": best_epoch,
+            "best_val_accuracy": best_acc,
+            "final_val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
+            "epochs": cfg.epochs,
             "steps_per_epoch": steps_per_epoch,
+            "seconds_per_epoch": train_seconds / max(1, len(history)),
+            "train_seconds": train_seconds,
+            "prior": cfg.prior,
+            "likelihood": likelihood,
+            "binarization": "dynamic"
+            if dynamic
+            else ("static" if cfg.binarize == "static" else "none"),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "classifier_parameters": sum(p.numel() for p in model.label_guide.net.parameters()),
+            "device": str(device),
+            "data": dataset.describe(),
+            "confusion_matrix": confusion.tolist(),
         }
 
-    result = SSLResult(
-        model,
-        cfg,
-        dataset,
-        history,
-        metrics,
-        labelled,
-        unlabelled,
-        run_dir,
-        baseline,
-        baseline_history,
-    )
-    if run_dir is not None:
-        if baseline_history:
-            _write_csv(run_dir / "baseline_history.csv", baseline_history)
-        write_metrics(run_dir, metrics)
-        if figures:
-            metrics["figures"] = [
-                p.name for p in write_ssl_figures(result, test_x, pred, confusion)
-            ]
+        baseline: LabelGuide | None = None
+        baseline_history: list[dict[str, float]] = []
+        if cfg.baseline == "supervised":
+            pyro.set_rng_seed(cfg.seed + 7919)
+            b_args = dict(cfg.label_guide_args)
+            if cfg.baseline_dropout is not None:
+                b_args["dropout"] = cfg.baseline_dropout
+            baseline = build_component(
+                cfg.label_guide,
+                "label_guide",
+                {
+                    "data_shape": dataset.data_shape,
+                    "num_classes": num_classes,
+                    "hidden_dims": tuple(cfg.hidden_dims),
+                    "network": cfg.network,
+                },
+                b_args,
+            ).to(device)
+            baseline_history, b_epoch = train_supervised(
+                baseline,
+                x_l,
+                y_l,
+                val_x,
+                dataset.val_y,
+                epochs=cfg.baseline_epochs or cfg.epochs,
+                steps_per_epoch=steps_per_epoch,
+                batch_size=b_l,
+                lr=cfg.baseline_lr or cfg.lr,
+                dynamic=dynamic,
+                seed=cfg.seed,
+                patience=cfg.baseline_patience,
+                clip_norm=cfg.clip_norm,
+            )
+            b_pred = torch.cat(
+                [baseline(test_x[i : i + 1024]).argmax(-1) for i in range(0, len(test_x), 1024)]
+            )
+            b_conf = _confusion(b_pred, test_y, num_classes)
+            metrics["baseline"] = (
+                "supervised: the same classifier trained on the labelled subset alone"
+            )
+            metrics["baseline_test_accuracy"] = float((b_pred == test_y).float().mean())
+            metrics["baseline_per_class_accuracy"] = _per_class(b_conf, class_names)
+            metrics["baseline_best_epoch"] = b_epoch
+            metrics["baseline_best_val_accuracy"] = max(h["val_accuracy"] for h in baseline_history)
+            metrics["baseline_epochs_run"] = len(baseline_history)
+            metrics["baseline_seconds"] = sum(h["seconds"] for h in baseline_history)
+            metrics["baseline_settings"] = {
+                "lr": cfg.baseline_lr or cfg.lr,
+                "epochs": cfg.baseline_epochs or cfg.epochs,
+                "dropout": b_args.get("dropout", 0.0),
+                "patience": cfg.baseline_patience,
+                "batch_size": b_l,
+                "steps_per_epoch": steps_per_epoch,
+            }
+
+        if ctx.enabled:
+            metrics["processes"] = ctx.world_size
+        result = SSLResult(
+            model,
+            cfg,
+            dataset,
+            history,
+            metrics,
+            labelled,
+            unlabelled,
+            run_dir,
+            baseline,
+            baseline_history,
+        )
+        if run_dir is not None:
+            if baseline_history:
+                _write_csv(run_dir / "baseline_history.csv", baseline_history)
             write_metrics(run_dir, metrics)
-    return result
+            if figures:
+                metrics["figures"] = [
+                    p.name for p in write_ssl_figures(result, test_x, pred, confusion)
+                ]
+                write_metrics(run_dir, metrics)
+        kept.append(result)
+        return metrics, baseline_history
+
+    # Rank 0 scores the test set, trains the baseline and writes; every rank gets the metrics.
+    metrics, baseline_history = ctx.on_main(evaluate_and_write)
+    if kept:
+        return kept[0]
+    return SSLResult(
+        model, cfg, dataset, history, metrics, labelled, unlabelled, run_dir, None, baseline_history
+    )
 
 
 def train_supervised(

@@ -241,6 +241,10 @@ def cmd_ssl(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
         result = fit_ssl(cfg, out=out, overwrite=args.overwrite, quiet=args.quiet)
+    from .distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return 0
     m = result.metrics
     baseline = (
         f" (supervised baseline on the same labels: {m['baseline_test_accuracy']:.4f})"
