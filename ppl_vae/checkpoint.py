@@ -107,15 +107,29 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (run_dir / CHECKPOINT).exists() or (run_dir / PREVIOUS).exists()
 
 
-def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` as ``run_dir/checkpoint.pt``, keeping the previous one."""
-    run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT
-    tmp = run_dir / f".{CHECKPOINT}.tmp{os.getpid()}"
+def _write_temporary(path: Path, state: dict[str, Any]) -> Path:
+    """``torch.save`` ``state`` to a temporary file beside ``path``, flushed and fsync'd."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def save_state_atomic(path: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically write ``state`` to ``path`` (temporary file, fsync, ``os.replace``)."""
+    path = Path(path)
+    os.replace(_write_temporary(path, state), path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically write ``state`` as ``run_dir/checkpoint.pt``, keeping the previous one."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    tmp = _write_temporary(path, state)
     if path.exists():
         os.replace(path, run_dir / PREVIOUS)
     os.replace(tmp, path)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 import time
 import warnings
@@ -62,7 +61,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .components import build as build_component
 from .components import spec_of
-from .config import DEVICES, FLOAT32_MAX, ConfigFile, _check_type, write_text_atomic
+from .config import DEVICES, FLOAT32_MAX, ConfigFile, _check_type
 from .data import Dataset, load_data
 from .estimators import make_elbo
 from .guides.encoders import ConvEncoder, Encoder, MLPEncoder
@@ -72,8 +71,15 @@ from .models.errors import ConfigError
 from .models.likelihoods.base import Likelihood
 from .models.priors.base import Prior
 from .scoring import log_weights
-from .train import TrainingError, prepare_data, prepare_run_dir, resolve_device, write_metrics
-from .vae import choose_network
+from .train import (
+    TrainingError,
+    prepare_data,
+    prepare_run_dir,
+    resolve_device,
+    write_history_csv,
+    write_metrics,
+)
+from .vae import build_prior_and_likelihood, choose_network
 
 __all__ = [
     "SSVAE",
@@ -546,18 +552,9 @@ def build_ssvae(
     """
     data_shape = tuple(int(s) for s in data_shape)
     hidden = tuple(int(h) for h in hidden_dims)
-    p = build_component(prior, "prior", {"latent_dim": latent_dim}, dict(prior_args or {}))
-    p.validate()
-    lik = build_component(
-        likelihood,
-        "likelihood",
-        {"data_shape": data_shape, "num_levels": num_levels},
-        dict(likelihood_args or {}),
+    p, lik = build_prior_and_likelihood(
+        data_shape, prior, likelihood, latent_dim, prior_args, likelihood_args, num_levels
     )
-    if tuple(lik.data_shape) != data_shape:
-        raise ConfigError(
-            f"likelihood built for data shape {tuple(lik.data_shape)} but the data has {data_shape}"
-        )
     guide = build_component(
         label_guide,
         "label_guide",
@@ -675,16 +672,6 @@ def _accuracy(classifier: LabelGuide, x: torch.Tensor, y: torch.Tensor) -> float
     return float((pred == y).float().mean())
 
 
-def _save_atomic(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to ``path`` via a temporary file, fsync and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> dict[str, Any] | None:
     """The newest good checkpoint of a run being resumed (None: start again from epoch 0).
 
@@ -727,9 +714,9 @@ def _write_epoch(run_dir: Path, checkpoint: dict[str, Any], improved: bool) -> N
     # best.pt first: a kill between the two writes replays this epoch on resume, which writes
     # the same best.pt again.
     if improved:
-        _save_atomic(run_dir / BEST, checkpoint)
+        ckpt.save_state_atomic(run_dir / BEST, checkpoint)
     ckpt.save_checkpoint(run_dir, checkpoint)
-    _write_csv(run_dir / "history.csv", checkpoint["history"])
+    write_history_csv(run_dir / "history.csv", checkpoint["history"])
 
 
 def _state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -1273,7 +1260,7 @@ def _fit_ssl(
         )
         if run_dir is not None:
             if baseline_history:
-                _write_csv(run_dir / "baseline_history.csv", baseline_history)
+                write_history_csv(run_dir / "baseline_history.csv", baseline_history)
             write_metrics(run_dir, metrics)
             if figures:
                 metrics["figures"] = [
@@ -1371,16 +1358,6 @@ def _per_class(confusion: np.ndarray, names: list[str]) -> dict[str, float | Non
         name: (float(confusion[i, i] / totals[i]) if totals[i] else None)
         for i, name in enumerate(names)
     }
-
-
-def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    if not rows:
-        return
-    cols = list(rows[0])
-    lines = [",".join(cols)]
-    for r in rows:
-        lines.append(",".join(str(int(r[c])) if c == "epoch" else f"{r[c]:.6g}" for c in cols))
-    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

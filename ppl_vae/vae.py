@@ -142,6 +142,31 @@ def choose_network(network: str, data_shape: tuple[int, ...]) -> str:
     return network
 
 
+def build_prior_and_likelihood(
+    data_shape: tuple[int, ...],
+    prior: Any,
+    likelihood: Any,
+    latent_dim: int,
+    prior_args: dict[str, Any] | None,
+    likelihood_args: dict[str, Any] | None,
+    num_levels: int | None,
+) -> tuple[Prior, Likelihood]:
+    """Build and check the generative components: p(z) (validated) and p(x|.) for ``data_shape``."""
+    p = build_component(prior, "prior", {"latent_dim": latent_dim}, dict(prior_args or {}))
+    p.validate()
+    lik = build_component(
+        likelihood,
+        "likelihood",
+        {"data_shape": data_shape, "num_levels": num_levels},
+        dict(likelihood_args or {}),
+    )
+    if tuple(lik.data_shape) != data_shape:
+        raise ConfigError(
+            f"likelihood built for data shape {tuple(lik.data_shape)} but the data has {data_shape}"
+        )
+    return p, lik
+
+
 def build_vae(
     data_shape: Sequence[int],
     *,
@@ -170,18 +195,9 @@ def build_vae(
     """
     data_shape = tuple(int(s) for s in data_shape)
     hidden = tuple(int(h) for h in hidden_dims)
-    p = build_component(prior, "prior", {"latent_dim": latent_dim}, dict(prior_args or {}))
-    p.validate()
-    lik = build_component(
-        likelihood,
-        "likelihood",
-        {"data_shape": data_shape, "num_levels": num_levels},
-        dict(likelihood_args or {}),
+    p, lik = build_prior_and_likelihood(
+        data_shape, prior, likelihood, latent_dim, prior_args, likelihood_args, num_levels
     )
-    if tuple(lik.data_shape) != data_shape:
-        raise ConfigError(
-            f"likelihood built for data shape {tuple(lik.data_shape)} but the data has {data_shape}"
-        )
     family = p.guide_family()
     kind = choose_network(network, data_shape)
     if kind == "conv":

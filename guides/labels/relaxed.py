@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Real
 from typing import ClassVar
 
 import pyro.distributions as dist
@@ -12,6 +11,7 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from ...models.distributions.family import check_temperatures
 from ...models.errors import ConfigError
 from .base import LabelGuide
 
@@ -131,19 +131,7 @@ class RelaxedLabelGuide(LabelGuide):
         final_temperature: float = 0.5,
     ) -> None:
         super().__init__(data_shape, num_classes, hidden_dims, network, dropout, channels)
-        for name, value in (
-            ("initial_temperature", initial_temperature),
-            ("final_temperature", final_temperature),
-        ):
-            if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-                raise ConfigError(f"`{name}` must be a positive number, got {value!r}")
-            if not math.isfinite(value):
-                raise ConfigError(f"`{name}` must be finite, got {value!r}")
-        if final_temperature > initial_temperature:
-            raise ConfigError(
-                f"`final_temperature` must be at most `initial_temperature` "
-                f"({initial_temperature!r}), got {final_temperature!r}"
-            )
+        check_temperatures(initial_temperature, final_temperature)
         self.initial_temperature = float(initial_temperature)
         self.final_temperature = float(final_temperature)
         self.register_buffer("temperature", torch.tensor(self.initial_temperature))

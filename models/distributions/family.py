@@ -13,7 +13,9 @@ A family is a :class:`torch.nn.Module` so that it follows ``.train()`` / ``.eval
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from numbers import Real
 
 import pyro.distributions as dist
 import torch
@@ -33,6 +35,23 @@ _PREFERRED_OVER = {
     "covariance_matrix": "scale_tril",
     "precision_matrix": "scale_tril",
 }
+
+
+def check_temperatures(initial_temperature: float, final_temperature: float) -> None:
+    """Validate an annealing schedule: finite temperatures with ``0 < final <= initial``."""
+    for name, value in (
+        ("initial_temperature", initial_temperature),
+        ("final_temperature", final_temperature),
+    ):
+        if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
+            raise ConfigError(f"`{name}` must be a positive number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"`{name}` must be finite, got {value!r}")
+    if final_temperature > initial_temperature:
+        raise ConfigError(
+            f"`final_temperature` must be at most `initial_temperature` "
+            f"({initial_temperature!r}), got {final_temperature!r}"
+        )
 
 
 def base_distribution(d: dist.Distribution) -> dist.Distribution:

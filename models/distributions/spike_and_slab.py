@@ -88,7 +88,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from numbers import Number, Real
+from numbers import Number
 from typing import ClassVar
 
 import pyro.distributions as dist
@@ -106,7 +106,7 @@ from torch.distributions.utils import (
 )
 
 from ..errors import ConfigError
-from .family import VariationalFamily
+from .family import VariationalFamily, check_temperatures
 
 __all__ = [
     "RelaxedSpikeAndSlab",
@@ -445,19 +445,7 @@ class SpikeAndSlabFamily(VariationalFamily):
 
     def __init__(self, initial_temperature: float = 1.0, final_temperature: float = 0.1) -> None:
         super().__init__()
-        for name, value in (
-            ("initial_temperature", initial_temperature),
-            ("final_temperature", final_temperature),
-        ):
-            if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-                raise ConfigError(f"`{name}` must be a positive number, got {value!r}")
-            if not math.isfinite(value):
-                raise ConfigError(f"`{name}` must be finite, got {value!r}")
-        if final_temperature > initial_temperature:
-            raise ConfigError(
-                f"`final_temperature` must be at most `initial_temperature` "
-                f"({initial_temperature!r}), got {final_temperature!r}"
-            )
+        check_temperatures(initial_temperature, final_temperature)
         self.initial_temperature = float(initial_temperature)
         self.final_temperature = float(final_temperature)
         self.param_constraints = OrderedDict(
