@@ -77,6 +77,7 @@ from .config import FitConfig, write_text_atomic
 from .data import Dataset
 from .estimators import make_elbo, parse_estimator
 from .models.errors import ConfigError
+from .optim import make_adam
 from .scoring import log_weights, mean_elbo
 from .train import (
     TrainingError,
@@ -361,7 +362,7 @@ def _warm_up(cfg: FitConfig, dataset: Dataset, x: torch.Tensor) -> None:
     with pyro.settings.context(module_local_params=True), preserved_rng():
         vae = _build_like_fit(cfg, dataset)
         elbo = make_elbo(cfg.estimator, cfg.num_particles, cfg.vectorize_particles)
-        optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+        optimizer = make_adam(vae.parameters(), lr=cfg.lr)
         elbo.differentiable_loss(vae.model, vae.guide, x).backward()
         optimizer.step()
         mean_elbo(vae, x)

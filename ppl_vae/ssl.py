@@ -70,6 +70,7 @@ from .models.decoders import ConvDecoder, MLPDecoder
 from .models.errors import ConfigError
 from .models.likelihoods.base import Likelihood
 from .models.priors.base import Prior
+from .optim import make_adam
 from .scoring import log_weights
 from .train import (
     TrainingError,
@@ -1004,7 +1005,7 @@ def _fit_ssl(
         ctx.on_main(start_run)
 
     # -- training ----------------------------------------------------------------------------
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = make_adam(model.parameters(), lr=cfg.lr)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     labelled_batches = _Cycler(n_l, b_l, torch.Generator().manual_seed(cfg.seed + 1))
     steps_per_epoch = math.ceil(n_u / cfg.batch_size) if semi else math.ceil(n_l / b_l)
@@ -1307,7 +1308,7 @@ def train_supervised(
     Returns:
         ``(history, best_epoch)``; ``classifier`` holds the best weights.
     """
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+    optimizer = make_adam(classifier.parameters(), lr=lr)
     batches = _Cycler(len(x), batch_size, torch.Generator().manual_seed(seed + 2))
     history: list[dict[str, float]] = []
     best_acc, best_epoch, best_state = -1.0, 0, _state_copy(classifier)

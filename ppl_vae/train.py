@@ -41,6 +41,7 @@ from .data import Dataset, load_data
 from .estimators import make_elbo
 from .fastpath import build_loss
 from .models.errors import ConfigError
+from .optim import make_adam
 from .scoring import Scores, bits_per_dim, mean_elbo, score, write_scores_csv
 from .vae import VAE, build_vae
 
@@ -313,7 +314,7 @@ def _fit(
     dataset = dataset.to(device)
     vae.to(device)
     train_x, val_x, test_x, dynamic = prepare_data(dataset, vae, cfg.binarize, cfg.seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    optimizer = make_adam(vae.parameters(), lr=cfg.lr)
     # Alone: the loss itself. Under torchrun: a DDP module whose forward computes it.
     step_loss = ctx.wrap(vae, build_loss(elbo, vae), device)
     shuffle = torch.Generator().manual_seed(cfg.seed)
