@@ -20,7 +20,7 @@ from numbers import Real
 import pyro.distributions as dist
 import torch
 from torch import nn
-from torch.distributions import biject_to, constraints
+from torch.distributions import Transform, biject_to, constraints
 
 from ..errors import ConfigError
 
@@ -99,9 +99,17 @@ class VariationalFamily(nn.Module):
             )
         blocks = raw.clamp(-RAW_CLAMP, RAW_CLAMP).split(latent_dim, dim=-1)
         return {
-            name: biject_to(c)(block)
-            for (name, c), block in zip(self.param_constraints.items(), blocks, strict=True)
+            name: t(block) for (name, t), block in zip(self._bijections(), blocks, strict=True)
         }
+
+    def _bijections(self) -> list[tuple[str, Transform]]:
+        """``(name, biject_to(constraint))`` per parameter, built once per set of constraints."""
+        key = tuple(self.param_constraints.items())
+        cached = self.__dict__.get("_bijection_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, [(name, biject_to(c)) for name, c in key])
+            self.__dict__["_bijection_cache"] = cached
+        return cached[1]
 
     def build(self, **params: torch.Tensor) -> dist.Distribution:
         """Return q(z | x) with batch shape ``params[...].shape[:-1]`` and event shape ``(D,)``."""

@@ -75,6 +75,17 @@ class Likelihood(PyroModule):
         """E[x | decoder output], used for reconstructions and sample figures."""
         return self.forward(out).mean
 
+    def log_prob_sum(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        r"""The scalar :math:`\sum_{n} \log p(x_n \mid \eta_n)` over every point of the batch.
+
+        Equal to ``self(out).log_prob(x).sum()``, which is the default. The training loss's fast
+        path (:mod:`ppl_vae.fastpath`) calls this, so a likelihood may override it with a fused
+        form that builds no distribution; the override must agree with the default to float
+        rounding, value and gradient, and should defer to it while Pyro's validation is on
+        (see :class:`~ppl_vae.models.likelihoods.bernoulli.BernoulliLikelihood`).
+        """
+        return self(out).log_prob(x).sum()
+
     # -- data checks -------------------------------------------------------------------------
     def suggestion(self, x: torch.Tensor) -> str:
         """A hint appended to the support error (which likelihood fits the data instead)."""

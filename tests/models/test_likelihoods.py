@@ -254,6 +254,36 @@ def test_shapes(
         lik(torch.zeros(*batch, lik.params_per_element + 1, *data_shape))
 
 
+@pytest.mark.parametrize("validate", [False, True], ids=["unvalidated", "validated"])
+@pytest.mark.parametrize("batch", [(5,), (3, 5)], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_log_prob_sum_equals_distribution_sum(
+    case: tuple[str, dict[str, Any], float], batch: tuple[int, ...], validate: bool
+) -> None:
+    # The fast path's scalar: any override (a fused kernel) equals the distribution's sum in
+    # value and gradient, to float32 rounding; data (5, D) broadcast against particles (3, 5).
+    lik = make(case, (64,))
+    out = decoder_out(lik, batch, std=3.0).requires_grad_()
+    x = lik(decoder_out(lik, (5,))).sample()
+    with pyro.validation_enabled(validate):
+        fused = lik.log_prob_sum(out, x)
+        (g_fused,) = torch.autograd.grad(fused, out)
+        reference = lik(out).log_prob(x).sum()
+        (g_ref,) = torch.autograd.grad(reference, out)
+    assert fused.shape == ()
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bernoulli_log_prob_sum_falls_back_for_other_dtypes() -> None:
+    lik = _likelihood_class("bernoulli")((4,))
+    out = torch.randn(2, 1, 4)
+    x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    with pyro.validation_enabled(False):
+        value = lik.log_prob_sum(out, x)
+    torch.testing.assert_close(value, lik(out).log_prob(x).sum())
+
+
 # -- gradients ---------------------------------------------------------------------------------
 
 EXTREMES = [-50.0, -15.0, -1.0, 0.0, 1e-3, 1.0, 15.0, 50.0]
