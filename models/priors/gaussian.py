@@ -7,6 +7,8 @@ import torch
 from pyro.nn import PyroParam
 from torch.distributions import constraints
 
+from ..distributions.family import MirrorFamily, VariationalFamily
+from ..distributions.normal import Normal
 from .base import Prior
 
 
@@ -38,3 +40,7 @@ class GaussianPrior(Prior):
 
     def forward(self) -> dist.Distribution:
         return dist.Normal(self.loc, self.scale).to_event(1)
+
+    def guide_family(self) -> VariationalFamily:
+        """A diagonal Normal q(z|x), scoring its own draws from their noise (:class:`Normal`)."""
+        return MirrorFamily(Normal)
