@@ -19,13 +19,18 @@ has a registered closed form, and the Monte Carlo term above otherwise (as
 ``TraceMeanField_ELBO`` does). Any prior, guide family and likelihood is handled through its
 distributions' ``rsample``, ``log_prob``, ``expand`` and registered KLs.
 
-**Equivalence.** The operations are Pyro's, in Pyro's order: the same draws (the guide is re-run
-per particle, or expanded over the particle plate when vectorised), the prior expanded over the
-batch, the site scale computed as Pyro's plates compute it (``kl_scale * N / N``), the same
-sums. With the same seed the gradients are bitwise equal to Pyro's, and the value differs only
-by float32 rounding (Pyro adds its three sums in float64): see ``tests/test_fastpath.py``. The
-fast path makes no host-device synchronisation; Pyro's path makes 25-27 per step with
-validation on (``.item()`` of every log-prob sum, NaN/inf warnings, argument checks).
+**Equivalence.** The elementwise operations are Pyro's, in Pyro's order: the same draws (the
+guide is re-run per particle, or expanded over the particle plate when vectorised), the prior
+expanded over the batch, the site scale computed as Pyro's plates compute it
+(``kl_scale * N / N``). Two reductions are fused: :math:`\log p(z) - \log q(z)` is summed once
+rather than as two sums, and :math:`\log p(x \mid z)` is the likelihood's
+:meth:`~ppl_vae.models.likelihoods.base.Likelihood.log_prob_sum` (for Bernoulli one
+``binary_cross_entropy_with_logits`` with ``reduction="sum"``; otherwise the distribution's
+``log_prob(x).sum()``). A sum's gradient is exactly one per element, so with the same seed the
+gradients stay bitwise equal to Pyro's, and the value differs only by float32 rounding (Pyro
+adds its three sums in float64): see ``tests/test_fastpath.py``. The fast path makes no
+host-device synchronisation; Pyro's path makes 25-27 per step with validation on (``.item()`` of
+every log-prob sum, NaN/inf warnings, argument checks).
 
 **When it is used.** The first call with a positive ``kl_scale`` runs the Pyro ELBO itself, with
 Pyro's validation and warnings, on traced copies of ``model`` and ``guide``; the fast path is
