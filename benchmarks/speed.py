@@ -26,6 +26,9 @@ the order rotates every round), so that the load of a shared machine hits all of
     the global parameter store, a ``torch.utils.data.DataLoader`` over a ``TensorDataset``
     (``shuffle=True``, ``num_workers=0``), batches moved to the device in the loop,
     ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step(x)``.
+``pyro:DataLoader+SVI, Jit...`` (``--jit``)
+    The same with ``JitTrace_ELBO``, ``JitTraceMeanField_ELBO``, and the latter with the bug
+    that recompiles it every step fixed (:class:`FixedJitTraceMeanField_ELBO`).
 
 The first epoch of every run is dropped (warm-up; for ``fit()`` it also holds the one validated
 Pyro step that switches the fast path on); the tables give medians over the remaining epochs of
@@ -46,7 +49,8 @@ come from ``malloc``), which ``tracemalloc`` would not see. On CUDA it is
 ``torch.cuda.max_memory_allocated()`` (reset before each measurement).
 
 Run (the README's table): ``OMP_NUM_THREADS=1 python benchmarks/speed.py``; ``--quick`` for a
-short run, ``--device cuda`` on a GPU, ``--json FILE`` to keep the raw numbers.
+short run, ``--device cuda`` on a GPU, ``--jit`` for the JIT variants, ``--json FILE`` to keep
+the raw numbers.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -252,13 +256,39 @@ class PyroPatternVAE(nn.Module):
             pyro.sample("latent", dist.Normal(loc, log_scale.exp()).to_event(1))
 
 
-def run_svi(ds: Dataset, epochs: int, device: torch.device, seed: int = 0) -> list[Epoch]:
+class FixedJitTraceMeanField_ELBO(JitTraceMeanField_ELBO):
+    """``JitTraceMeanField_ELBO`` with the compiled loss actually reused.
+
+    The cause of its slowness (pyro-ppl 1.9.2, ``pyro/infer/trace_mean_field_elbo.py``):
+    ``differentiable_loss`` tests ``getattr(self, "_loss_and_surrogate_loss", None) is None``
+    but stores the compiled closure as ``self._differentiable_loss``, so the test never fails
+    and every step builds a new ``pyro.ops.jit.trace`` closure and runs ``torch.jit.trace``
+    again (counted: 105 traces in 105 steps; after this fix, 1). This subclass reuses the stored
+    closure, with the same keyword arguments Pyro's method adds.
+    """
+
+    def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> Any:
+        compiled = getattr(self, "_differentiable_loss", None)
+        if compiled is None:
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+        kwargs["_pyro_model_id"] = id(model)
+        kwargs["_pyro_guide_id"] = id(guide)
+        return compiled(*args, **kwargs)
+
+
+def run_svi(
+    ds: Dataset,
+    epochs: int,
+    device: torch.device,
+    seed: int = 0,
+    loss: Callable[[], Any] = Trace_ELBO,
+) -> list[Epoch]:
     clock = Clock(device)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     vae = PyroPatternVAE(ds.train_x.shape[1]).to(device)
     loader = DataLoader(TensorDataset(ds.train_x.cpu()), batch_size=BATCH, shuffle=True)
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": LR}), loss=Trace_ELBO())
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": LR}), loss=loss())
     out = []
     with pyro.settings.context(module_local_params=False):
         for _ in range(epochs):
@@ -356,16 +386,33 @@ VARIANTS: dict[str, Callable[[Dataset, int, torch.device], list[Epoch]]] = {
     "fit:trace, Pyro ELBO": partial(run_fit, estimator="trace", fast=False),
     "pyro:DataLoader+SVI": run_svi,
 }
+#: With ``--jit``: the same pattern with Pyro's JIT-compiled ELBOs (global parameter store; under
+#: the engine's ``module_local_params`` ``JitTrace_ELBO`` fails: "Cannot insert a Tensor that
+#: requires grad as a constant").
+JIT_VARIANTS: dict[str, Callable[[Dataset, int, torch.device], list[Epoch]]] = {
+    "pyro:DataLoader+SVI, JitTrace_ELBO": partial(
+        run_svi, loss=partial(JitTrace_ELBO, ignore_jit_warnings=True)
+    ),
+    "pyro:DataLoader+SVI, JitTraceMeanField_ELBO": partial(
+        run_svi, loss=partial(JitTraceMeanField_ELBO, ignore_jit_warnings=True)
+    ),
+    "pyro:DataLoader+SVI, JitTraceMeanField_ELBO fixed": partial(
+        run_svi, loss=partial(FixedJitTraceMeanField_ELBO, ignore_jit_warnings=True)
+    ),
+}
 
 
-def compare(ds: Dataset, epochs: int, rounds: int, device: torch.device) -> dict[str, Runs]:
+def compare(
+    ds: Dataset, epochs: int, rounds: int, device: torch.device, jit: bool = False
+) -> dict[str, Runs]:
     """Every variant, ``epochs`` epochs per run, ``rounds`` interleaved rounds."""
-    runs = {name: Runs() for name in VARIANTS}
-    names = list(VARIANTS)
+    variants = {**VARIANTS, **(JIT_VARIANTS if jit else {})}
+    runs = {name: Runs() for name in variants}
+    names = list(variants)
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            epochs_run = VARIANTS[name](ds, epochs, device)
+            epochs_run = variants[name](ds, epochs, device)
             if not name.startswith("fit:"):
                 epochs_run = epochs_run[1:]  # fit() runs have no start stamp for epoch 1
             runs[name].epochs.extend(epochs_run)
@@ -563,6 +610,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=int(os.environ.get("OMP_NUM_THREADS", "1")),
         help="torch intra-op threads (default: OMP_NUM_THREADS, else 1)",
     )
+    p.add_argument(
+        "--jit",
+        action="store_true",
+        help="also time DataLoader+SVI with Pyro's JitTrace_ELBO, JitTraceMeanField_ELBO and the "
+        "latter with its recompilation bug fixed (FixedJitTraceMeanField_ELBO)",
+    )
     p.add_argument("--skip-speed", action="store_true", help="only the scale measurements")
     p.add_argument("--skip-scale", action="store_true", help="only the speed comparison")
     p.add_argument("--json", default=None, help="write the raw per-epoch numbers here")
@@ -594,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
         check_same_networks(dim)
         print(f"{title}: {ds.train_x.shape[0]} points, {epochs} epochs x {rounds} rounds",
               file=sys.stderr, flush=True)  # fmt: skip
-        runs = compare(ds, epochs, rounds, device)
+        runs = compare(ds, epochs, rounds, device, jit=args.jit)
         print(speed_table(f"{title} ({ds.train_x.shape[0]} training points, batch {BATCH})", runs))
         print()
         raw[title] = {name: [vars(e) for e in r.epochs] for name, r in runs.items()}
