@@ -65,6 +65,9 @@ class Likelihood(PyroModule):
                 f"{self.params_per_element}, {', '.join(map(str, self.data_shape))}), "
                 f"got {tuple(out.shape)}"
             )
+        if self.params_per_element == 1:
+            # A view both ways: unbind's backward would copy the gradient into a new tensor.
+            return (out.squeeze(dim),)
         return out.unbind(dim)
 
     def forward(self, out: torch.Tensor) -> dist.Distribution:
