@@ -64,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -636,6 +637,8 @@ def main(argv: list[str] | None = None) -> None:
         child(args)
         return
     device = torch.device(args.device)
+    if args.jit:  # Pyro's JIT ELBOs call torch.jit.trace, deprecated in torch 2.x
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
     rounds = args.rounds or (2 if args.quick else 5)
     print(header(args) + "\n")
     raw: dict[str, Any] = {"args": vars(args)}
