@@ -17,9 +17,10 @@ in a small VAE's step (about 60 microseconds of 1.5 ms at 64 dimensions on one C
 
 :class:`Normal` is Pyro's ``Normal`` with that one shortcut: :meth:`rsample` keeps the noise of
 its latest draw, and :meth:`log_prob` of *that tensor* (same object, not modified in place since)
-uses it. Any other value, an expanded copy, or a draw modified in place is scored by the parent
-class. Draws are bitwise those of ``pyro.distributions.Normal``; registered KL divergences and
-every other method are inherited (``tests/test_normal.py``).
+uses it. Any other value, an expanded copy, a draw modified in place or one made under
+``torch.inference_mode`` is scored by the parent class. Draws are bitwise those of
+``pyro.distributions.Normal``; registered KL divergences and every other method are inherited
+(``tests/models/test_normal.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ class Normal(dist.Normal):
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
         z = self.loc + eps * self.scale
-        self._noise = (z, z._version, eps)
+        # Inference-mode tensors have no version counter (in-place changes are undetectable):
+        # their draws are scored by the parent.
+        self._noise = None if z.is_inference() else (z, z._version, eps)
         return z
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,14 @@ def test_in_place_change_of_the_draw_is_noticed() -> None:
     torch.testing.assert_close(q.log_prob(z), expected)
 
 
+def test_inference_mode_draws_are_scored_by_the_parent() -> None:
+    loc, scale = _params()
+    with torch.inference_mode():
+        q = Normal(loc, scale)
+        z = q.rsample()
+        assert torch.equal(q.log_prob(z), dist.Normal(loc, scale).log_prob(z))
+
+
 def test_only_the_latest_draw_is_remembered() -> None:
     loc, scale = _params()
     q = Normal(loc, scale)
