@@ -164,15 +164,7 @@ class FitConfig(ConfigFile):
             raise ConfigError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"`clip_norm` must be positive, got {self.clip_norm}")
-        for name in ("val_fraction", "test_fraction"):
-            v = getattr(self, name)
-            if not 0 < v < 1:
-                raise ConfigError(f"`{name}` must be in (0, 1), got {v}")
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(
-                "`val_fraction` + `test_fraction` must be < 1, got "
-                f"{self.val_fraction} + {self.test_fraction}"
-            )
+        _check_split_fractions(self.val_fraction, self.test_fraction)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -226,6 +218,17 @@ def _check_type(name: str, value: Any, hint: str) -> None:
     }.get(base, True)
     if not ok:
         raise ConfigError(f"`{name}` must be {base}, got {value!r} ({type(value).__name__})")
+
+
+def _check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Validation and test fractions each in (0, 1), leaving a training split."""
+    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < v < 1:
+            raise ConfigError(f"`{name}` must be in (0, 1), got {v}")
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError(
+            f"`val_fraction` + `test_fraction` must be < 1, got {val_fraction} + {test_fraction}"
+        )
 
 
 def _positive(cfg: FitConfig, *names: str) -> None:

@@ -61,7 +61,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .components import build as build_component
 from .components import spec_of
-from .config import DEVICES, FLOAT32_MAX, ConfigFile, _check_type
+from .config import DEVICES, FLOAT32_MAX, ConfigFile, _check_split_fractions, _check_type
 from .data import Dataset, load_data
 from .estimators import make_elbo
 from .guides.encoders import ConvEncoder, Encoder, MLPEncoder
@@ -76,6 +76,7 @@ from .train import (
     TrainingError,
     prepare_data,
     prepare_run_dir,
+    resolve_config,
     resolve_device,
     write_history_csv,
     write_metrics,
@@ -245,15 +246,7 @@ class SSLConfig(ConfigFile):
                 )
         if self.baseline is not None and self.baseline not in BASELINES:
             raise ConfigError(f"`baseline` must be one of {list(BASELINES)}, got {self.baseline!r}")
-        for name in ("val_fraction", "test_fraction"):
-            v = getattr(self, name)
-            if not 0 < v < 1:
-                raise ConfigError(f"`{name}` must be in (0, 1), got {v}")
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(
-                "`val_fraction` + `test_fraction` must be < 1, got "
-                f"{self.val_fraction} + {self.test_fraction}"
-            )
+        _check_split_fractions(self.val_fraction, self.test_fraction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -863,38 +856,12 @@ def _fit_ssl(
     options: dict[str, Any],
 ) -> SSLResult:
     run_dir = Path(out) if out is not None else None
-    if resume:
-        if run_dir is None:
-            raise ConfigError("resume=True needs the run directory `out`")
-        if config is not None:
-            raise ConfigError(
-                "resume uses the run's saved config.toml; pass config=None (only `epochs` and "
-                "`device` may be given)"
-            )
-        extra = sorted(k for k in options if k not in ("epochs", "device"))
-        if extra:
-            raise ConfigError(
-                f"resume uses the run's saved config; only `epochs` and `device` may change, "
-                f"got {extra}"
-            )
-
-        def read_saved_config() -> dict[str, Any]:
-            prepare_run_dir(run_dir, resume=True, overwrite=False)
-            return SSLConfig.load(run_dir / "config.toml").to_dict()
-
-        d = ctx.on_main(read_saved_config)
-    elif isinstance(config, SSLConfig):
-        d = config.to_dict()
-    elif isinstance(config, dict):
-        d = dict(config)
-    elif config is None:
-        d = {}
-    else:
+    if resume and config is not None:
         raise ConfigError(
-            f"config must be an SSLConfig, a dict or None, got {type(config).__name__}"
+            "resume uses the run's saved config.toml; pass config=None (only `epochs` and "
+            "`device` may be given)"
         )
-    d.update(options)
-    cfg = SSLConfig.from_dict(d)
+    cfg = resolve_config(SSLConfig, ctx, config, options, run_dir, resume)
 
     # -- data and every check, before anything trains or touches the run directory --------
     device = ctx.device(cfg.device) if ctx.enabled else resolve_device(cfg.device)

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyro
 import torch
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .components import spec_of
-from .config import FitConfig, write_text_atomic
+from .config import ConfigFile, FitConfig, write_text_atomic
 from .data import Dataset, load_data
 from .estimators import make_elbo
 from .fastpath import build_loss
@@ -185,6 +185,51 @@ def prepare_data(
     return train, val, test, dynamic
 
 
+C = TypeVar("C", bound=ConfigFile)
+
+
+def resolve_config(
+    cls: type[C],
+    ctx: distributed.Context,
+    config: Any,
+    options: dict[str, Any],
+    run_dir: Path | None,
+    resume: bool,
+) -> C:
+    """The run's config: ``config`` (a ``cls``, a dict or None) updated by ``options``.
+
+    With ``resume`` it is the saved ``run_dir/config.toml`` (read by rank 0 and sent to every
+    rank), of which only ``epochs`` and ``device`` may be changed by ``options``.
+    """
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume=True needs the run directory `out`")
+        extra = sorted(k for k in options if k not in ("epochs", "device"))
+        if extra:
+            raise ConfigError(
+                f"resume uses the run's saved config; only `epochs` and `device` may change, "
+                f"got {extra}"
+            )
+
+        def read_saved_config() -> dict[str, Any]:
+            prepare_run_dir(run_dir, resume=True, overwrite=False)
+            return cls.load(run_dir / "config.toml").to_dict()
+
+        d = ctx.on_main(read_saved_config)
+    elif isinstance(config, cls):
+        d = config.to_dict()
+    elif isinstance(config, dict):
+        d = dict(config)
+    elif config is None:
+        d = {}
+    else:
+        raise ConfigError(
+            f"config must be a {cls.__name__}, a dict or None, got {type(config).__name__}"
+        )
+    d.update(options)
+    return cls.from_dict(d)
+
+
 def _config_with_objects(cfg: FitConfig, prior: Any, likelihood: Any) -> FitConfig:
     d = cfg.to_dict()
     if prior is not None:
@@ -274,36 +319,9 @@ def _fit(
     options: dict[str, Any],
 ) -> FitResult:
     run_dir = Path(out) if out is not None else None
-    if resume:
-        if run_dir is None:
-            raise ConfigError("resume=True needs the run directory `out`")
-
-        def read_saved_config() -> dict[str, Any]:
-            prepare_run_dir(run_dir, resume=True, overwrite=False)
-            return FitConfig.load(run_dir / "config.toml").to_dict()
-
-        d = ctx.on_main(read_saved_config)
-        extra = {k: v for k, v in options.items() if k not in ("epochs", "device")}
-        if extra:
-            raise ConfigError(
-                f"resume uses the run's saved config; only `epochs` and `device` may change, "
-                f"got {sorted(extra)}"
-            )
-        d.update(options)
-        cfg = FitConfig.from_dict(d)
-    else:
-        if isinstance(config, FitConfig):
-            d = config.to_dict()
-        elif isinstance(config, dict):
-            d = dict(config)
-        elif config is None:
-            d = {}
-        else:
-            raise ConfigError(
-                f"config must be a FitConfig, a dict or None, got {type(config).__name__}"
-            )
-        d.update(options)
-        cfg = _config_with_objects(FitConfig.from_dict(d), prior, likelihood)
+    cfg = resolve_config(FitConfig, ctx, config, options, run_dir, resume)
+    if not resume:
+        cfg = _config_with_objects(cfg, prior, likelihood)
 
     device = ctx.device(cfg.device) if ctx.enabled else resolve_device(cfg.device)
     pyro.set_rng_seed(cfg.seed)
