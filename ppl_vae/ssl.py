@@ -81,7 +81,7 @@ from .train import (
     write_history_csv,
     write_metrics,
 )
-from .vae import build_prior_and_likelihood, choose_network
+from .vae import build_prior_and_likelihood, check_batch_shape, choose_network
 
 __all__ = [
     "SSVAE",
@@ -385,12 +385,7 @@ class SSVAE(PyroModule):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Reject data whose per-point shape is not the one the networks were built for."""
-        n = len(self.data_shape)
-        if x.dim() != n + 1 or tuple(x.shape[1:]) != self.data_shape:
-            raise ConfigError(
-                f"data has shape {tuple(x.shape)} but the model was built for "
-                f"(N, {', '.join(map(str, self.data_shape))})"
-            )
+        check_batch_shape(x, self.data_shape)
 
     def one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Class indices ``(N,)`` -> one-hot ``(N, K)`` in ``like``'s dtype, range-checked."""

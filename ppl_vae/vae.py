@@ -32,6 +32,15 @@ from .models.priors.base import Prior
 NETWORKS = ("auto", "mlp", "conv")
 
 
+def check_batch_shape(x: torch.Tensor, data_shape: tuple[int, ...]) -> None:
+    """Reject a batch ``x`` that is not ``(N, *data_shape)``, naming both shapes."""
+    if x.dim() != len(data_shape) + 1 or tuple(x.shape[1:]) != tuple(data_shape):
+        raise ConfigError(
+            f"data has shape {tuple(x.shape)} but the model was built for "
+            f"(N, {', '.join(map(str, data_shape))})"
+        )
+
+
 class VAE(PyroModule):
     r"""Variational autoencoder: prior, likelihood, decoder (generative) and encoder (inference).
 
@@ -65,12 +74,7 @@ class VAE(PyroModule):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Reject data whose per-point shape is not the one the networks were built for."""
-        n = len(self.data_shape)
-        if x.dim() != n + 1 or tuple(x.shape[1:]) != self.data_shape:
-            raise ConfigError(
-                f"data has shape {tuple(x.shape)} but the model was built for "
-                f"(N, {', '.join(map(str, self.data_shape))})"
-            )
+        check_batch_shape(x, self.data_shape)
 
     # -- the Pyro programs -----------------------------------------------------------------
     def model(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from torch import nn
 
 from ...models.decoders import check_conv_shape, mlp
 from ...models.errors import ConfigError
+from ...models.likelihoods.base import check_data_shape
 
 NETWORKS = ("auto", "mlp", "conv")
 
@@ -178,12 +179,7 @@ class LabelGuide(nn.Module):
         channels: Sequence[int] = (32, 64),
     ) -> None:
         super().__init__()
-        try:
-            shape = tuple(int(s) for s in data_shape)
-        except TypeError as e:
-            raise ConfigError(f"`data_shape` must be a tuple of ints, got {data_shape!r}") from e
-        if not shape or any(s <= 0 for s in shape):
-            raise ConfigError(f"`data_shape` must be non-empty with positive sizes, got {shape}")
+        shape = check_data_shape(data_shape)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ConfigError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
         self.data_shape = shape
