@@ -26,6 +26,10 @@ the order rotates every round), so that the load of a shared machine hits all of
     the global parameter store, a ``torch.utils.data.DataLoader`` over a ``TensorDataset``
     (``shuffle=True``, ``num_workers=0``), batches moved to the device in the loop,
     ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step(x)``.
+``hand, torch.compile`` (``--compile``)
+    The hand-written VAE with its loss (networks, sampling, BCE, KL; forward and backward)
+    compiled by ``torch.compile``, default Adam; compiled afresh in each run, in its dropped
+    first epoch.
 ``pyro:DataLoader+SVI, Jit...`` (``--jit``)
     The same with ``JitTrace_ELBO``, ``JitTraceMeanField_ELBO``, and the latter with the bug
     that recompiles it every step fixed (:class:`FixedJitTraceMeanField_ELBO`).
@@ -33,7 +37,12 @@ the order rotates every round), so that the load of a shared machine hits all of
 The first epoch of every run is dropped (warm-up; for ``fit()`` it also holds the one validated
 Pyro step that switches the fast path on); the tables give medians over the remaining epochs of
 all rounds. Ratios are of medians. "CPU" columns use the process's CPU time instead of wall
-time: on a machine shared with other jobs they move less with the load.
+time: on a machine shared with other jobs they move less with the load. "Paired" columns
+(:func:`paired_ratios`) take the ratio within each round (of that round's mean) and report the
+median over rounds: on a machine whose speed drifts during the run (seen here: every variant
+7-8 ms per step at 784 in the first rounds of a run, 10-20 % faster later), the ratio of
+all-round medians depends on where in the rotation each variant met the slow phase, the paired
+one much less.
 
 Data: "784" is MNIST-sized random binary data (Bernoulli(0.13) pixels, the mean of binarised
 MNIST; speed does not depend on the values), "64" is scikit-learn's digits, binarised once
@@ -49,8 +58,8 @@ come from ``malloc``), which ``tracemalloc`` would not see. On CUDA it is
 ``torch.cuda.max_memory_allocated()`` (reset before each measurement).
 
 Run (the README's table): ``OMP_NUM_THREADS=1 python benchmarks/speed.py``; ``--quick`` for a
-short run, ``--device cuda`` on a GPU, ``--jit`` for the JIT variants, ``--json FILE`` to keep
-the raw numbers.
+short run, ``--device cuda`` on a GPU, ``--jit`` for the JIT variants, ``--compile`` for the
+compiled hand-written loss, ``--json FILE`` to keep the raw numbers.
 """
 
 from __future__ import annotations
@@ -123,13 +132,14 @@ def digits() -> Dataset:
 # -- timing ------------------------------------------------------------------------------------
 @dataclass
 class Epoch:
-    """One epoch: wall and CPU seconds, the part of them spent in validation, steps."""
+    """One epoch: wall and CPU seconds, the part of them spent in validation, steps, round."""
 
     wall: float
     cpu: float
     steps: int
     val_wall: float = 0.0
     val_cpu: float = 0.0
+    round: int = 0
 
 
 @dataclass
@@ -147,6 +157,33 @@ class Runs:
     def seconds_per_epoch(self, cpu: bool = False) -> float:
         """Median over epochs of whole-epoch seconds (validation included)."""
         return statistics.median(e.cpu if cpu else e.wall for e in self.epochs)
+
+    def by_round(self) -> dict[int, tuple[float, float]]:
+        """Per round: (mean training steps per second, mean whole-epoch seconds)."""
+        rounds: dict[int, list[Epoch]] = {}
+        for e in self.epochs:
+            rounds.setdefault(e.round, []).append(e)
+        return {
+            r: (
+                statistics.mean(e.steps / (e.wall - e.val_wall) for e in eps),
+                statistics.mean(e.wall for e in eps),
+            )
+            for r, eps in rounds.items()
+        }
+
+
+def paired_ratios(runs: Runs, hand: Runs, svi: Runs) -> tuple[float, float]:
+    """Medians over rounds of (steps/s ÷ hand's, DataLoader+SVI's s/epoch ÷ this) in each round.
+
+    A round runs every variant once, back to back, so its ratios compare runs that were close in
+    time; their median over rounds resists a machine whose speed drifts between rounds, which the
+    ratio of all-round medians does not.
+    """
+    mine, h, v = runs.by_round(), hand.by_round(), svi.by_round()
+    common = sorted(set(mine) & set(h) & set(v))
+    steps = statistics.median(mine[r][0] / h[r][0] for r in common)
+    epoch = statistics.median(v[r][1] / mine[r][1] for r in common)
+    return steps, epoch
 
 
 class Clock:
@@ -201,13 +238,24 @@ def check_same_networks(data_dim: int) -> None:
 
 
 def run_hand(
-    ds: Dataset, epochs: int, device: torch.device, seed: int = 0, fused: bool = False
+    ds: Dataset,
+    epochs: int,
+    device: torch.device,
+    seed: int = 0,
+    fused: bool = False,
+    compiled: bool = False,
 ) -> list[Epoch]:
     clock = Clock(device)
     torch.manual_seed(seed)
     x = ds.train_x.to(device)
     model = HandVAE(x.shape[1]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, fused=fused or None)
+    loss_fn = model.loss
+    if compiled:
+        # A fresh compilation per run: Dynamo guards on the model object, and without a reset
+        # later rounds would hit its recompilation limit and silently run eagerly.
+        torch._dynamo.reset()
+        loss_fn = torch.compile(model.loss)
     shuffle = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     steps = math.ceil(n / BATCH)
@@ -219,7 +267,7 @@ def run_hand(
         for b in range(steps):
             xb = x[perm[b * BATCH : (b + 1) * BATCH]]
             optimizer.zero_grad(set_to_none=True)
-            loss = model.loss(xb)
+            loss = loss_fn(xb)
             loss.backward()
             optimizer.step()
             total = total + loss.detach()
@@ -403,11 +451,27 @@ JIT_VARIANTS: dict[str, Callable[[Dataset, int, torch.device], list[Epoch]]] = {
 }
 
 
+#: With ``--compile``: the hand-written VAE's loss under ``torch.compile`` (default Adam, so its
+#: ratio to ``hand`` is the compiler's effect; compilation falls in the dropped first epoch).
+COMPILE_VARIANTS: dict[str, Callable[[Dataset, int, torch.device], list[Epoch]]] = {
+    "hand, torch.compile": partial(run_hand, compiled=True),
+}
+
+
 def compare(
-    ds: Dataset, epochs: int, rounds: int, device: torch.device, jit: bool = False
+    ds: Dataset,
+    epochs: int,
+    rounds: int,
+    device: torch.device,
+    jit: bool = False,
+    compiled: bool = False,
 ) -> dict[str, Runs]:
     """Every variant, ``epochs`` epochs per run, ``rounds`` interleaved rounds."""
-    variants = {**VARIANTS, **(JIT_VARIANTS if jit else {})}
+    variants = {
+        **VARIANTS,
+        **(JIT_VARIANTS if jit else {}),
+        **(COMPILE_VARIANTS if compiled else {}),
+    }
     runs = {name: Runs() for name in variants}
     names = list(variants)
     for r in range(rounds):
@@ -416,6 +480,8 @@ def compare(
             epochs_run = variants[name](ds, epochs, device)
             if not name.startswith("fit:"):
                 epochs_run = epochs_run[1:]  # fit() runs have no start stamp for epoch 1
+            for e in epochs_run:
+                e.round = r
             runs[name].epochs.extend(epochs_run)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     return runs
@@ -427,9 +493,9 @@ def speed_table(title: str, runs: dict[str, Runs]) -> str:
     lines = [
         f"**{title}**",
         "",
-        "| variant | steps/s | ratio to hand | ratio to hand (CPU) "
-        "| s/epoch | DataLoader+SVI s/epoch ÷ this |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | steps/s | ratio to hand | ratio to hand (CPU) | ratio to hand, paired "
+        "| s/epoch | DataLoader+SVI s/epoch ÷ this | the same, paired |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in runs.items():
         sps = r.steps_per_second()
@@ -437,8 +503,10 @@ def speed_table(title: str, runs: dict[str, Runs]) -> str:
         ratio_cpu = r.steps_per_second(cpu=True) / hand.steps_per_second(cpu=True)
         spe = r.seconds_per_epoch()
         vs_svi = svi.seconds_per_epoch() / spe
+        paired, paired_svi = paired_ratios(r, hand, svi)
         lines.append(
-            f"| {name} | {sps:.1f} | {ratio:.2f} | {ratio_cpu:.2f} | {spe:.3f} | {vs_svi:.2f} |"
+            f"| {name} | {sps:.1f} | {ratio:.2f} | {ratio_cpu:.2f} | {paired:.2f} | {spe:.3f} "
+            f"| {vs_svi:.2f} | {paired_svi:.2f} |"
         )
     return "\n".join(lines)
 
@@ -617,6 +685,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time DataLoader+SVI with Pyro's JitTrace_ELBO, JitTraceMeanField_ELBO and the "
         "latter with its recompilation bug fixed (FixedJitTraceMeanField_ELBO)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the hand-written VAE with its loss under torch.compile",
+    )
     p.add_argument("--skip-speed", action="store_true", help="only the scale measurements")
     p.add_argument("--skip-scale", action="store_true", help="only the speed comparison")
     p.add_argument("--json", default=None, help="write the raw per-epoch numbers here")
@@ -650,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
         check_same_networks(dim)
         print(f"{title}: {ds.train_x.shape[0]} points, {epochs} epochs x {rounds} rounds",
               file=sys.stderr, flush=True)  # fmt: skip
-        runs = compare(ds, epochs, rounds, device, jit=args.jit)
+        runs = compare(ds, epochs, rounds, device, jit=args.jit, compiled=args.compile)
         print(speed_table(f"{title} ({ds.train_x.shape[0]} training points, batch {BATCH})", runs))
         print()
         raw[title] = {name: [vars(e) for e in r.epochs] for name, r in runs.items()}

@@ -1,10 +1,13 @@
-"""benchmarks/speed.py's FixedJitTraceMeanField_ELBO: Pyro's loss, traced once.
+"""benchmarks/speed.py: FixedJitTraceMeanField_ELBO (Pyro's loss, traced once); paired ratios.
 
 pyro-ppl 1.9.2's ``JitTraceMeanField_ELBO`` re-traces its loss at every step (it tests one
 attribute and caches another); the benchmark's subclass reuses the compiled loss. Its loss must
 still be ``TraceMeanField_ELBO``'s: same seed, same draws, so the values agree to float32
 rounding (the traced graph sums in another order): ``rtol=1e-5``, from the second step on (the
 compiling first step draws extra random numbers).
+
+The paired ratios (within-round ratios, median over rounds) are checked on made-up epochs from
+a machine whose speed changes between rounds.
 """
 
 from __future__ import annotations
@@ -67,3 +70,24 @@ def test_fixed_jit_meanfield_traces_once_and_equals_pyro(speed, monkeypatch) -> 
     torch.testing.assert_close(
         torch.tensor(fixed[1:]), torch.tensor(plain[1:]), rtol=1e-5, atol=1e-4
     )
+
+
+def test_paired_ratio_resists_drift_between_rounds(speed):
+    """A machine twice as fast from round 2 on; each round runs every variant once.
+
+    Within each round the variant makes exactly 0.9x hand's steps per second and the
+    DataLoader+SVI pattern takes exactly 1.5x its epoch time, except in round 2, where the variant
+    and the pattern still ran at the slow speed. The ratio of all-round medians is then 0.45;
+    the paired ratios (median over rounds of within-round ratios) are exact.
+    """
+    steps = 10
+    hand, variant, svi = speed.Runs(), speed.Runs(), speed.Runs()
+    for r, machine in enumerate([1.0, 1.0, 2.0, 2.0, 2.0]):
+        slow = 1.0 if r == 2 else machine
+        hand.epochs.append(speed.Epoch(steps / (100 * machine), 0.0, steps, round=r))
+        variant.epochs.append(speed.Epoch(steps / (90 * slow), 0.0, steps, round=r))
+        svi.epochs.append(speed.Epoch(1.5 * steps / (90 * slow), 0.0, steps, round=r))
+    paired_steps, paired_epoch = speed.paired_ratios(variant, hand, svi)
+    assert paired_steps == pytest.approx(0.9, rel=1e-12)
+    assert paired_epoch == pytest.approx(1.5, rel=1e-12)
+    assert variant.steps_per_second() / hand.steps_per_second() == pytest.approx(0.45, rel=1e-12)
