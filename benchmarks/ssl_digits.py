@@ -281,6 +281,34 @@ def tune(workers: int) -> dict[str, Any]:
     return {"choice": choice, "m2": m2, "baseline": base}
 
 
+def _stage(
+    stage: int,
+    workers: int,
+    m2_grid: dict[str, Sequence[Any]],
+    m2_base: dict[str, Any],
+    baseline_grid: dict[str, Sequence[Any]],
+    budgets: Sequence[int],
+    baseline_batch: Callable[[dict[str, Any]], int],
+) -> dict[str, Any]:
+    """One later tuning stage: M2's grid over ``m2_base``, then the baseline's grid at the
+    labelled batch size ``baseline_batch(m2_choice)``; both over ``budgets``, the tuning seeds and
+    the stage-1 criterion. Prints the validation tables and the choice."""
+    jobs = [(c, s, max(budgets), m2_base) for c in _product(m2_grid) for s in TUNE_SEEDS]
+    m2 = _map(_tune_m2, jobs, workers)
+    m2_choice, m2_table = _choose(m2, f"stage {stage}, M2 (enumerate, 50 labels)", budgets)
+    print(m2_table, flush=True)
+    batch = baseline_batch(m2_choice)
+    jobs = [(c, s, max(budgets), batch) for c in _product(baseline_grid) for s in TUNE_SEEDS]
+    base = _map(_tune_baseline, jobs, workers)
+    b_choice, b_table = _choose(
+        base, f"stage {stage}, supervised baseline (50 labels, batch {batch})", budgets
+    )
+    print("", b_table, sep="\n")
+    choice = {"m2": m2_choice, "baseline": b_choice}
+    print("\nchosen:", json.dumps(choice))
+    return {"choice": choice, "m2": m2, "baseline": base}
+
+
 def tune2(workers: int) -> dict[str, Any]:
     """Stage 2 around stage 1's choice (:data:`STAGE1`), same seeds and criterion.
 
@@ -289,20 +317,10 @@ def tune2(workers: int) -> dict[str, Any]:
     (:data:`BASELINE_GRID`) over the same budgets, at the labelled batch size M2 chose (the one
     ``fit_ssl`` gives it in the reported table).
     """
-    jobs = [(c, s, max(TUNE2_EPOCHS)) for c in _product(M2_GRID2) for s in TUNE_SEEDS]
-    m2 = _map(_tune_m2, jobs, workers)
-    m2_choice, m2_table = _choose(m2, "stage 2, M2 (enumerate, 50 labels)", TUNE2_EPOCHS)
-    print(m2_table, flush=True)
-    batch = m2_choice["labelled_batch_size"]
-    jobs = [(c, s, max(TUNE2_EPOCHS), batch) for c in _product(BASELINE_GRID) for s in TUNE_SEEDS]
-    base = _map(_tune_baseline, jobs, workers)
-    b_choice, b_table = _choose(
-        base, f"stage 2, supervised baseline (50 labels, batch {batch})", TUNE2_EPOCHS
-    )
-    print("", b_table, sep="\n")
-    choice = {"m2": m2_choice, "baseline": b_choice}
-    print("\nchosen:", json.dumps(choice))
-    return {"choice": choice, "m2": m2, "baseline": base}
+    return _stage(
+        2, workers, M2_GRID2, STAGE1, BASELINE_GRID, TUNE2_EPOCHS,
+        lambda m2_choice: m2_choice["labelled_batch_size"],
+    )  # fmt: skip
 
 
 def tune3(workers: int) -> dict[str, Any]:
@@ -311,20 +329,10 @@ def tune3(workers: int) -> dict[str, Any]:
     M2: :data:`M2_GRID3` over :data:`STAGE12` (stage 1 updated by stage 2); the baseline:
     :data:`BASELINE_GRID3` at M2's labelled batch size; both over budgets :data:`TUNE3_EPOCHS`.
     """
-    jobs = [(c, s, max(TUNE3_EPOCHS), STAGE12) for c in _product(M2_GRID3) for s in TUNE_SEEDS]
-    m2 = _map(_tune_m2, jobs, workers)
-    m2_choice, m2_table = _choose(m2, "stage 3, M2 (enumerate, 50 labels)", TUNE3_EPOCHS)
-    print(m2_table, flush=True)
-    batch = STAGE12["labelled_batch_size"]
-    jobs = [(c, s, max(TUNE3_EPOCHS), batch) for c in _product(BASELINE_GRID3) for s in TUNE_SEEDS]
-    base = _map(_tune_baseline, jobs, workers)
-    b_choice, b_table = _choose(
-        base, f"stage 3, supervised baseline (50 labels, batch {batch})", TUNE3_EPOCHS
-    )
-    print("", b_table, sep="\n")
-    choice = {"m2": m2_choice, "baseline": b_choice}
-    print("\nchosen:", json.dumps(choice))
-    return {"choice": choice, "m2": m2, "baseline": base}
+    return _stage(
+        3, workers, M2_GRID3, STAGE12, BASELINE_GRID3, TUNE3_EPOCHS,
+        lambda m2_choice: STAGE12["labelled_batch_size"],
+    )  # fmt: skip
 
 
 # -- the reported table: test accuracy on seeds 0, 1, 2 ------------------------------------------
