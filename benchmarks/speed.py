@@ -39,10 +39,10 @@ Pyro step that switches the fast path on); the tables give medians over the rema
 all rounds. Ratios are of medians. "CPU" columns use the process's CPU time instead of wall
 time: on a machine shared with other jobs they move less with the load. "Paired" columns
 (:func:`paired_ratios`) take the ratio within each round (of that round's mean) and report the
-median over rounds: on a machine whose speed drifts during the run (seen here: every variant
-7-8 ms per step at 784 in the first rounds of a run, 10-20 % faster later), the ratio of
-all-round medians depends on where in the rotation each variant met the slow phase, the paired
-one much less.
+median over rounds: on a machine whose speed drifts during the run (seen here: the
+hand-written VAE's step at 784 5-15 % faster in a run's last rounds than in its first), the
+ratio of all-round medians depends on where in the rotation each variant met the slow phase,
+the paired one much less.
 
 Data: "784" is MNIST-sized random binary data (Bernoulli(0.13) pixels, the mean of binarised
 MNIST; speed does not depend on the values), "64" is scikit-learn's digits, binarised once
