@@ -82,6 +82,7 @@ from .scoring import log_weights, mean_elbo
 from .train import (
     TrainingError,
     build_config_vae,
+    config_as_dict,
     fit,
     load_config_data,
     prepare_data,
@@ -703,16 +704,7 @@ def compare_estimators(
     # -- validate everything before training ------------------------------------------------
     specs = _as_spec_list(estimators)
     seed_list = _as_seed_list(seeds)
-    if isinstance(config, FitConfig):
-        base = config.to_dict()
-    elif isinstance(config, dict):
-        base = dict(config)
-    elif config is None:
-        base = {}
-    else:
-        raise ConfigError(
-            f"`config` must be a FitConfig, a dict or None, got {type(config).__name__}"
-        )
+    base = config_as_dict(FitConfig, config)
     if "estimator" in options:
         raise ConfigError("pass the estimators as `estimators`, not as the option `estimator`")
     base.update(options)

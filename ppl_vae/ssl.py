@@ -44,7 +44,6 @@ import functools
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -74,6 +73,7 @@ from .optim import make_adam
 from .scoring import log_weights
 from .train import (
     TrainingError,
+    load_resume_state,
     prepare_data,
     prepare_run_dir,
     resolve_config,
@@ -668,26 +668,13 @@ def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> di
     Checks ``epochs`` against the epochs done before anything in the directory changes; then
     clears leftover temporary files and saves a raised ``epochs`` into ``config.toml``.
     """
-    state: dict[str, Any] | None = None
-    if ckpt.has_checkpoint(run_dir):
-        state = ckpt.load_checkpoint(run_dir, map_location=device)
-        done = int(state["epoch"])
-        if cfg.epochs < done:
-            raise ConfigError(
-                f"`epochs` must be at least the {done} epochs this run has trained when "
-                f"resuming, got {cfg.epochs}"
-            )
-        if "best_model" not in state or "labelled_batches" not in state:
-            raise ConfigError(
-                f"checkpoint in {str(run_dir)!r} is not a resumable ppl-vae ssl checkpoint "
-                "(no best_model/labelled_batches: written by another command or an older version)"
-            )
-    else:
-        warnings.warn(
-            f"no checkpoint in {str(run_dir)!r} yet (the run stopped in its first epoch); "
-            "training starts again from epoch 0 with the run's saved config",
-            RuntimeWarning,
-            stacklevel=6,  # _open_resumed_run < lambda < on_main < _fit_ssl < fit_ssl < caller
+    # warning: load_resume_state < _open_resumed_run < lambda < on_main < _fit_ssl < fit_ssl <
+    # caller
+    state = load_resume_state(run_dir, cfg.epochs, device, stacklevel=7)
+    if state is not None and ("best_model" not in state or "labelled_batches" not in state):
+        raise ConfigError(
+            f"checkpoint in {str(run_dir)!r} is not a resumable ppl-vae ssl checkpoint "
+            "(no best_model/labelled_batches: written by another command or an older version)"
         )
     ckpt.remove_temporaries(run_dir)
     for name in ("metrics.json", *SSL_RUN_FILES[:1]):

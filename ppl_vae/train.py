@@ -216,18 +216,23 @@ def resolve_config(
             return cls.load(run_dir / "config.toml").to_dict()
 
         d = ctx.on_main(read_saved_config)
-    elif isinstance(config, cls):
-        d = config.to_dict()
-    elif isinstance(config, dict):
-        d = dict(config)
-    elif config is None:
-        d = {}
     else:
-        raise ConfigError(
-            f"config must be a {cls.__name__}, a dict or None, got {type(config).__name__}"
-        )
+        d = config_as_dict(cls, config)
     d.update(options)
     return cls.from_dict(d)
+
+
+def config_as_dict(cls: type[ConfigFile], config: Any) -> dict[str, Any]:
+    """``config`` (a ``cls`` instance, a dict or None) as a new dict of its fields."""
+    if isinstance(config, cls):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return dict(config)
+    if config is None:
+        return {}
+    raise ConfigError(
+        f"`config` must be a {cls.__name__}, a dict or None, got {type(config).__name__}"
+    )
 
 
 def _config_with_objects(cfg: FitConfig, prior: Any, likelihood: Any) -> FitConfig:
@@ -481,6 +486,32 @@ def _fit(
     return FitResult(vae, cfg, dataset, history, metrics, run_dir, kept[0] if kept else None)
 
 
+def load_resume_state(
+    run_dir: Path, epochs: int, map_location: Any, stacklevel: int
+) -> dict[str, Any] | None:
+    """The newest good checkpoint of a run being resumed, or None (with a warning) if it has none.
+
+    Raises if ``epochs`` is below the epochs the checkpoint has done. ``stacklevel`` is that of
+    the warning, counted from this function.
+    """
+    if not ckpt.has_checkpoint(run_dir):
+        warnings.warn(
+            f"no checkpoint in {str(run_dir)!r} yet (the run stopped in its first epoch); "
+            "training starts again from epoch 0 with the run's saved config",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+        return None
+    state = ckpt.load_checkpoint(run_dir, map_location=map_location)
+    done = int(state["epoch"])
+    if epochs < done:
+        raise ConfigError(
+            f"`epochs` must be at least the {done} epochs this run has trained when "
+            f"resuming, got {epochs}"
+        )
+    return state
+
+
 def _open_resumed_run(run_dir: Path, cfg: FitConfig, map_location: Any) -> dict[str, Any] | None:
     """Rank 0's part of a resume: the newest good checkpoint (None: start again from epoch 0).
 
@@ -488,22 +519,8 @@ def _open_resumed_run(run_dir: Path, cfg: FitConfig, map_location: Any) -> dict[
     changes; then clears leftover temporary files, brings ``history.csv`` up to the checkpoint
     and saves a raised ``epochs`` into ``config.toml``.
     """
-    state: dict[str, Any] | None = None
-    if ckpt.has_checkpoint(run_dir):
-        state = ckpt.load_checkpoint(run_dir, map_location=map_location)
-        done = int(state["epoch"])
-        if cfg.epochs < done:
-            raise ConfigError(
-                f"`epochs` must be at least the {done} epochs this run has trained when "
-                f"resuming, got {cfg.epochs}"
-            )
-    else:
-        warnings.warn(
-            f"no checkpoint in {str(run_dir)!r} yet (the run stopped in its first epoch); "
-            "training starts again from epoch 0 with the run's saved config",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    # warning: load_resume_state < _open_resumed_run < lambda < on_main < _fit < fit < caller
+    state = load_resume_state(run_dir, cfg.epochs, map_location, stacklevel=7)
     ckpt.remove_temporaries(run_dir)
     if state is not None:
         history_csv = run_dir / "history.csv"
