@@ -32,6 +32,8 @@ from .models.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
+#: The best-validation weights of kinds that evaluate them (written as a checkpoint).
+BEST = "best.pt"
 
 #: Temporary files of the atomic writes here and in :func:`ppl_vae.config.write_text_atomic`.
 _TEMPORARY = re.compile(r"^\..+\.tmp\d+$")

@@ -59,6 +59,25 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+def add_network_options(g: Any) -> None:
+    """``--encoder``/``--encoder-arg`` and ``--decoder``/``--decoder-arg`` (every command that
+    builds networks declares them through this one function)."""
+    from .components import available
+
+    for part, example in (("encoder", "activation=softplus"), ("decoder", "norm=batch")):
+        g.add_argument(
+            f"--{part}",
+            help=f"{part} network: one of {available(part)}, 'file.py:Class' or "
+            f"'package.module:Class' (default: the one --network picks)",
+        )
+        g.add_argument(
+            f"--{part}-arg",
+            action="append",
+            metavar="KEY=VALUE",
+            help=f"{part} option, repeatable (e.g. {example}; activation, dropout, norm, ...)",
+        )
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     from .config import FitConfig
 
@@ -114,6 +133,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--network", choices=("auto", "mlp", "conv"), help=f"network type (default {d.network})"
     )
+    add_network_options(g)
     g = p.add_argument_group("objective and optimisation")
     g.add_argument(
         "--estimator",
@@ -159,7 +179,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
     given: dict[str, Any] = {}
     for f in fields(FitConfig):
-        if f.name in ("prior_args", "likelihood_args"):
+        if f.name in ("prior_args", "likelihood_args", "encoder_args", "decoder_args"):
             continue
         v = getattr(args, f.name, None)
         if v is not None:
@@ -168,6 +188,9 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         given["prior_args"] = _key_values(args.prior_arg, "--prior-arg")
     if args.likelihood_arg:
         given["likelihood_args"] = _key_values(args.likelihood_arg, "--likelihood-arg")
+    for part in ("encoder", "decoder"):
+        if getattr(args, f"{part}_arg", None):
+            given[f"{part}_args"] = _key_values(getattr(args, f"{part}_arg"), f"--{part}-arg")
     return given
 
 

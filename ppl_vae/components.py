@@ -53,6 +53,12 @@ KINDS: dict[str, Kind] = {
     "label_guide": Kind(
         "label_guide", "ppl_vae.guides.labels", "ppl_vae.guides.labels.base", "LabelGuide"
     ),
+    "encoder": Kind(
+        "encoder", "ppl_vae.guides.encoders", "ppl_vae.guides.encoders.base", "Encoder"
+    ),
+    "decoder": Kind(
+        "decoder", "ppl_vae.models.decoders", "ppl_vae.models.decoders.base", "Decoder"
+    ),
 }
 
 
@@ -177,6 +183,7 @@ def build(
     if isinstance(spec, nn.Module):
         if args:
             raise ConfigError(f"{kind} options {sorted(args)} given with a {kind} instance")
+        adopt(spec)
         return spec
     cls = resolve(spec, kind)
     sig = inspect.signature(cls.__init__)
@@ -207,6 +214,60 @@ def build(
     if missing:
         raise ConfigError(f"{kind} {cls.__name__} needs option(s) {missing}")
     return cls(**kwargs)
+
+
+def adopt(module: nn.Module) -> nn.Module:
+    """Make a module built in any Pyro parameter mode usable in the mode in force now.
+
+    A :class:`~pyro.nn.PyroModule` built outside ``pyro.settings.context(module_local_params=True)``
+    has no module-local parameter state, and entering it under that setting fails
+    (``'_Context' object has no attribute 'param_state'``). Its parameters live in its own
+    ``_parameters`` in both modes, so giving each PyroModule an empty local state is all it needs.
+    """
+    from pyro.nn import PyroModule
+
+    for m in module.modules():
+        context = m.__dict__.get("_pyro_context") if isinstance(m, PyroModule) else None
+        if context is not None and not hasattr(context, "param_state"):
+            context.param_state = {"params": {}, "constraints": {}}
+    return module
+
+
+def recorded_options(obj: nn.Module, kind: str, context: tuple[str, ...]) -> dict[str, Any]:
+    """The constructor options of a component instance, as config data (no ``context`` keys).
+
+    Raises:
+        ConfigError: options that are unknown or cannot be written to ``config.toml`` (the run
+            could then not be rebuilt exactly).
+    """
+    from .models.options import init_options
+
+    options = init_options(obj)
+    name = type(obj).__name__
+    if options is None:
+        raise ConfigError(
+            f"the {kind} instance {name} does not record its constructor options, so the run "
+            f"could not be reopened; pass the {kind} as a name or class with {kind}_args"
+        )
+    out = {k: v for k, v in options.items() if k not in context}
+    for key, value in out.items():
+        if not _plain(value):
+            raise ConfigError(
+                f"option `{key}` of the {kind} instance {name} is a {type(value).__name__}, which "
+                f"config.toml cannot hold, so the run could not be reopened; pass the {kind} as a "
+                f"name or class with {kind}_args of numbers, strings and lists"
+            )
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
 def _type_hints(fn: Any) -> dict[str, Any]:

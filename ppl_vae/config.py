@@ -116,6 +116,10 @@ class FitConfig(ConfigFile):
     latent_dim: int = 10
     hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
     network: str = "auto"
+    encoder: str | None = None  # None: the network `network` picks
+    encoder_args: dict[str, Any] = field(default_factory=dict)
+    decoder: str | None = None  # None: the network `network` picks
+    decoder_args: dict[str, Any] = field(default_factory=dict)
     # objective and optimisation
     estimator: str = "trace"
     num_particles: int = 1

@@ -156,8 +156,8 @@ class Context:
 
     # -- the loss -----------------------------------------------------------------------------
     def wrap(
-        self, vae: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor], device: torch.device
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        self, vae: nn.Module, loss: Callable[..., torch.Tensor], device: torch.device
+    ) -> Callable[..., torch.Tensor]:
         """``loss`` itself alone; under several processes a DDP module around it."""
         if not self.enabled:
             return loss
@@ -223,26 +223,26 @@ class Context:
 
 
 class DistributedLoss(nn.Module):
-    r"""The module DDP wraps: ``forward(x)`` is :math:`W` times the step loss of the shard ``x``.
+    r"""The module DDP wraps: ``forward(*batch)`` is :math:`W` times the step loss of the shard.
 
     .. math:: \texttt{forward}(x_r) = W\,\mathcal{L}(x_r)
 
     Its parameters are the VAE's, so DDP's gradient hooks cover exactly what the optimiser steps.
     Every parameter enters the output (those the loss does not use with weight zero), so DDP
     finds a gradient for each one on every step whatever the prior, likelihood or estimator. An
-    empty shard (a last batch with fewer points than ranks) gives zero with zero gradients. A
+    empty shard (every tensor of the batch has no rows: a last batch with fewer points than
+    ranks) gives zero with zero gradients. A
     distribution that rejects non-finite parameters gives a NaN loss here, so that every rank
     reaches the all-reduce and stops together.
 
     Args:
         vae: the model whose parameters are trained.
-        loss: ``loss(x)``, the per-step loss (see :func:`ppl_vae.fastpath.build_loss`).
+        loss: ``loss(*batch)``, the kind's per-step loss of this shard
+            (:meth:`ppl_vae.kinds.base.ModelKind.loss`).
         world_size: :math:`W`, the number of processes.
     """
 
-    def __init__(
-        self, vae: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor], world_size: int
-    ) -> None:
+    def __init__(self, vae: nn.Module, loss: Callable[..., torch.Tensor], world_size: int) -> None:
         super().__init__()
         self.vae = vae
         self.loss = loss
@@ -251,11 +251,12 @@ class DistributedLoss(nn.Module):
     def _zero(self) -> torch.Tensor:
         return sum(p.sum() * 0 for p in self.vae.parameters())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 0:
+    def forward(self, *batch: Any) -> torch.Tensor:
+        tensors = [t for t in batch if isinstance(t, torch.Tensor)]
+        if tensors and all(t.shape[0] == 0 for t in tensors):
             return self._zero()
         try:
-            return self.loss(x) * self.world_size + self._zero()
+            return self.loss(*batch) * self.world_size + self._zero()
         except ValueError as e:
             if "invalid values" not in str(e):
                 raise

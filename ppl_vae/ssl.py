@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -53,35 +52,27 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule
-from tqdm.auto import tqdm
+from pyro import poutine
+from pyro.nn import PyroModule, pyro_method
 
 from . import checkpoint as ckpt
 from . import distributed
 from .components import build as build_component
-from .components import spec_of
 from .config import DEVICES, FLOAT32_MAX, ConfigFile, _check_split_fractions, _check_type
 from .data import Dataset, load_data
-from .estimators import make_elbo
-from .guides.encoders import ConvEncoder, Encoder, MLPEncoder
+from .guides.encoders import Encoder
 from .guides.labels.base import LabelGuide
-from .models.decoders import ConvDecoder, MLPDecoder
+from .kinds.m2 import Cycler, M2Kind, confusion_counts, labelled_accuracy
 from .models.errors import ConfigError
 from .models.likelihoods.base import Likelihood
 from .models.priors.base import Prior
 from .optim import make_adam
 from .scoring import log_weights
-from .train import (
-    TrainingError,
-    load_resume_state,
-    prepare_data,
-    prepare_run_dir,
-    resolve_config,
-    resolve_device,
-    write_history_csv,
-    write_metrics,
-)
-from .vae import build_prior_and_likelihood, check_batch_shape, choose_network
+from .training import Callback, Settings, Trainer
+from .training.rundir import load_resume_state, prepare_run_dir, resolve_config
+from .training.setup import prepare_data, resolve_device
+from .training.trainer import state_copy
+from .vae import build_networks, build_prior_and_likelihood, check_batch_shape
 
 __all__ = [
     "SSVAE",
@@ -94,8 +85,7 @@ __all__ = [
 
 BINARIZE = ("auto", "none", "static", "dynamic")
 BASELINES = ("supervised",)
-BEST = "best.pt"
-SSL_RUN_FILES = ("baseline_history.csv", BEST)
+SSL_RUN_FILES = ("baseline_history.csv", ckpt.BEST)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +161,10 @@ class SSLConfig(ConfigFile):
     latent_dim: int = 16
     hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
     network: str = "auto"
+    encoder: str | None = None
+    encoder_args: dict[str, Any] = field(default_factory=dict)
+    decoder: str | None = None
+    decoder_args: dict[str, Any] = field(default_factory=dict)
     # objective and optimisation
     num_particles: int = 1
     epochs: int = 100
@@ -400,6 +394,7 @@ class SSVAE(PyroModule):
         return F.one_hot(y.long(), self.num_classes).to(like.dtype)
 
     # -- the Pyro programs ---------------------------------------------------------------------
+    @pyro_method
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         r"""``y ~ p(y)`` (observed if given), ``z ~ p(z)``, ``x ~ p(x | dec(embed(z), y))``."""
         self.check_input(x)
@@ -411,6 +406,7 @@ class SSVAE(PyroModule):
             pyro.sample("x", self.likelihood(out), obs=x)
         return z
 
+    @pyro_method
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         r"""``y ~ q(y | x)`` by the label guide unless given, then ``z ~ q(z | x, y)``."""
         self.check_input(x)
@@ -432,7 +428,20 @@ class SSVAE(PyroModule):
         )
         return enc.family.build(**enc.family.constrain(raw, enc.latent_dim))
 
-    # -- the auxiliary loss and conveniences -------------------------------------------------
+    # -- the auxiliary classification term as a Pyro program ------------------------------------
+    @pyro_method
+    def classifier_model(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> None:
+        r"""Observes ``y`` under :math:`q_\phi(y \mid x)` with weight ``scale`` (Kingma et al.'s
+        auxiliary loss, as Pyro's M2 example writes it): with the empty
+        :meth:`classifier_guide`, any Pyro ELBO of this pair is
+        :math:`\texttt{scale} \sum_i \log q_\phi(y_i \mid x_i)`."""
+        with pyro.plate("data", x.shape[0], dim=-1), poutine.scale(scale=scale):
+            pyro.sample("y_class", self.label_guide.dist(x), obs=y)
+
+    def classifier_guide(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> None:
+        """The classification term has no latent site: an empty guide."""
+
+    # -- conveniences --------------------------------------------------------------------------
     def classification_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r""":math:`-\log q_\phi(y \mid x)` per point, ``(N,)``."""
         return -self.label_guide.dist(x).log_prob(y)
@@ -533,11 +542,15 @@ def build_ssvae(
     label_guide_args: dict[str, Any] | None = None,
     num_levels: int | None = None,
     class_probs: list[float] | torch.Tensor | None = None,
+    encoder: Any = None,
+    decoder: Any = None,
+    encoder_args: dict[str, Any] | None = None,
+    decoder_args: dict[str, Any] | None = None,
 ) -> SSVAE:
     """Assemble an :class:`SSVAE` from component specs (names, ``file.py:Class``, classes).
 
-    The encoder and decoder are those of :func:`~ppl_vae.build_vae` with ``cond_dim`` for the
-    one-hot label; the label guide gets ``data_shape``, ``num_classes``, ``hidden_dims`` and
+    The encoder and decoder are those of :func:`~ppl_vae.vae.build_networks` (names, files,
+    classes or instances, with options) with ``cond_dim`` for the one-hot label; the label guide gets ``data_shape``, ``num_classes``, ``hidden_dims`` and
     ``network`` unless ``label_guide_args`` sets them.
     """
     data_shape = tuple(int(s) for s in data_shape)
@@ -560,17 +573,20 @@ def build_ssvae(
         raise ConfigError(
             f"label guide built for {guide.num_classes} classes but the data have {num_classes}"
         )
-    family = p.guide_family()
-    if choose_network(network, data_shape) == "conv":
-        enc: Encoder = ConvEncoder(data_shape, p.latent_dim, family, hidden, cond_dim=num_classes)
-        dec: torch.nn.Module = ConvDecoder(
-            p.embed_dim, data_shape, lik.params_per_element, hidden[::-1], cond_dim=num_classes
-        )
-    else:
-        enc = MLPEncoder(data_shape, p.latent_dim, family, hidden, cond_dim=num_classes)
-        dec = MLPDecoder(
-            p.embed_dim, data_shape, lik.params_per_element, hidden[::-1], cond_dim=num_classes
-        )
+    enc, dec = build_networks(
+        data_shape,
+        p.latent_dim,
+        p.embed_dim,
+        p.guide_family(),
+        lik.params_per_element,
+        hidden,
+        network=network,
+        encoder=encoder,
+        decoder=decoder,
+        encoder_args=encoder_args,
+        decoder_args=decoder_args,
+        cond_dim=num_classes,
+    )
     probs = None if class_probs is None or len(class_probs) == 0 else torch.as_tensor(class_probs)
     return SSVAE(p, lik, enc, dec, guide, probs)
 
@@ -634,34 +650,6 @@ def _check_labels(ds: Dataset, num_classes: int) -> None:
         )
 
 
-class _Cycler:
-    """Endless shuffled mini-batches of ``range(n)`` (reshuffled at every pass)."""
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch_size > self.n:
-            self.perm = torch.randperm(self.n, generator=self.generator)
-            self.pos = 0
-        idx = self.perm[self.pos : self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return idx
-
-
-@torch.no_grad()
-def _accuracy(classifier: LabelGuide, x: torch.Tensor, y: torch.Tensor) -> float:
-    was = classifier.training
-    classifier.eval()
-    try:
-        pred = torch.cat([classifier(x[i : i + 1024]).argmax(-1) for i in range(0, len(x), 1024)])
-    finally:
-        classifier.train(was)
-    return float((pred == y).float().mean())
-
-
 def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> dict[str, Any] | None:
     """The newest good checkpoint of a run being resumed (None: start again from epoch 0).
 
@@ -680,24 +668,10 @@ def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> di
     for name in ("metrics.json", *SSL_RUN_FILES[:1]):
         (run_dir / name).unlink(missing_ok=True)
     if state is None:
-        (run_dir / BEST).unlink(missing_ok=True)
+        (run_dir / ckpt.BEST).unlink(missing_ok=True)
     if cfg.epochs != SSLConfig.load(run_dir / "config.toml").epochs:
         cfg.save(run_dir / "config.toml")
     return state
-
-
-def _write_epoch(run_dir: Path, checkpoint: dict[str, Any], improved: bool) -> None:
-    """Save an epoch's checkpoint (and ``best.pt`` if it improved) and ``history.csv``."""
-    # best.pt first: a kill between the two writes replays this epoch on resume, which writes
-    # the same best.pt again.
-    if improved:
-        ckpt.save_state_atomic(run_dir / BEST, checkpoint)
-    ckpt.save_checkpoint(run_dir, checkpoint)
-    write_history_csv(run_dir / "history.csv", checkpoint["history"])
-
-
-def _state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def fit_ssl(
@@ -709,6 +683,7 @@ def fit_ssl(
     quiet: bool = False,
     dataset: Dataset | None = None,
     figures: bool = True,
+    callbacks: list[Callback] | None = None,
     **options: Any,
 ) -> SSLResult:
     r"""Train the M2 semi-supervised VAE and evaluate its classifier and bound on the test split.
@@ -760,71 +735,11 @@ def fit_ssl(
     with pyro.settings.context(module_local_params=True):
         ctx = distributed.setup()
         try:
-            return _fit_ssl(ctx, config, out, resume, overwrite, quiet, dataset, figures, options)
+            return _fit_ssl(
+                ctx, config, out, resume, overwrite, quiet, dataset, figures, callbacks, options
+            )
         finally:
             distributed.teardown(ctx)
-
-
-class _StepLoss:
-    r"""One step's objective on this process's shard of the labelled and unlabelled batches.
-
-    Called as ``loss(torch.cat([x_l, x_u]))`` after :attr:`labels` is set to ``y_l`` (one tensor
-    argument, the form :meth:`ppl_vae.distributed.Context.wrap` takes, so that under ``torchrun``
-    the whole step loss is computed inside the DDP module's forward). With :math:`B_l, B_u` the
-    sizes of the *global* batches and :math:`l_r, u_r` this rank's shards,
-
-    .. math:: J_r = \frac{w_l}{B_l} \sum_{i \in l_r} -\mathcal{L}(x_i, y_i)
-        + \frac{\alpha}{B_l} \sum_{i \in l_r} -\log q_\phi(y_i \mid x_i)
-        + \frac{w_u}{B_u} \sum_{i \in u_r} -\mathcal{U}(x_i),
-
-    so the shards' losses sum to the single-process step loss :math:`J` (in one process the
-    shards are the batches and the factors ``len(shard) / B`` are exactly 1). Dynamic
-    binarisation happens here, labelled points first, in the order of the single-process loop.
-    After a call :attr:`parts` holds this rank's detached ``(labelled, unlabelled, class)``
-    terms (each already scaled by ``len(shard) / B``).
-    """
-
-    def __init__(
-        self,
-        model: SSVAE,
-        labelled_elbo: Any,
-        unlabelled_elbo: Any,
-        alpha: float,
-        w_l: float,
-        w_u: float,
-        dynamic: bool,
-    ) -> None:
-        self.model, self.labelled_elbo, self.unlabelled_elbo = model, labelled_elbo, unlabelled_elbo
-        self.alpha, self.w_l, self.w_u, self.dynamic = alpha, w_l, w_u, dynamic
-        self.labels = torch.zeros(0, dtype=torch.long)
-        self.sizes = (1, 1)  # (B_l, B_u): the global batch sizes of this step
-        self.parts = torch.zeros(3)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        n_l = len(self.labels)
-        b_l, b_u = self.sizes
-        zero = x.new_zeros(())
-        self.parts = x.new_zeros(3)
-        loss_l = loss_c = zero
-        if n_l:
-            xl, yl = x[:n_l], self.labels
-            if self.dynamic:
-                xl = torch.bernoulli(xl)
-            loss_l = self.labelled_elbo.differentiable_loss(model.model, model.guide, xl, yl)
-            loss_l = loss_l / n_l * (n_l / b_l)
-            loss_c = model.classification_loss(xl, yl).mean() * (n_l / b_l)
-        loss = self.w_l * loss_l + self.alpha * loss_c
-        loss_u = zero
-        xu = x[n_l:]
-        if len(xu):
-            if self.dynamic:
-                xu = torch.bernoulli(xu)
-            loss_u = self.unlabelled_elbo.differentiable_loss(model.model, model.guide, xu)
-            loss_u = loss_u / len(xu) * (len(xu) / b_u)
-            loss = loss + self.w_u * loss_u
-        self.parts = torch.stack([loss_l.detach(), loss_u.detach(), loss_c.detach()])
-        return loss
 
 
 def _fit_ssl(
@@ -836,6 +751,7 @@ def _fit_ssl(
     quiet: bool,
     dataset: Dataset | None,
     figures: bool,
+    callbacks: list[Callback] | None,
     options: dict[str, Any],
 ) -> SSLResult:
     run_dir = Path(out) if out is not None else None
@@ -881,7 +797,6 @@ def _fit_ssl(
     if cfg.labels == "all":
         labelled = np.arange(n_train)
         unlabelled = np.arange(0)
-        counts = np.bincount(dataset.train_y.numpy(), minlength=num_classes)
     else:
         labelled, unlabelled = split_labelled(
             dataset.train_y, int(cfg.labels), num_classes, cfg.seed
@@ -892,7 +807,6 @@ def _fit_ssl(
                 "set empty, but semi-supervised training needs unlabelled data: pass fewer "
                 "labels, or labels='all' (--labels all) for a conditional VAE"
             )
-        counts = np.bincount(dataset.train_y.numpy()[labelled], minlength=num_classes)
     if cfg.class_probs and len(cfg.class_probs) != num_classes:
         raise ConfigError(
             f"`class_probs` must have num_classes={num_classes} entries, got {len(cfg.class_probs)}"
@@ -912,38 +826,36 @@ def _fit_ssl(
         label_guide_args=cfg.label_guide_args,
         num_levels=dataset.num_levels,
         class_probs=cfg.class_probs or None,
+        encoder=cfg.encoder,
+        decoder=cfg.decoder,
+        encoder_args=cfg.encoder_args,
+        decoder_args=cfg.decoder_args,
     )
     resolved = cfg.to_dict()
     resolved["likelihood"] = likelihood
     resolved["num_classes"] = num_classes
     cfg = SSLConfig.from_dict(resolved)
-    guide_cls = type(model.label_guide)
-    estimator = guide_cls.estimator
-    unlabelled_elbo = make_elbo(estimator, cfg.num_particles, max_plate_nesting=1)
-    labelled_elbo = make_elbo(
-        "tracegraph" if estimator == "tracegraph" else "trace",
-        cfg.num_particles,
-        max_plate_nesting=1,
-    )
     dataset = dataset.to(device)
     model.to(device)
-    train_x, val_x, test_x, dynamic = prepare_data(dataset, model, cfg.binarize, cfg.seed)
-    lab_idx = torch.as_tensor(labelled, device=device)
-    x_l, y_l = train_x[lab_idx], dataset.train_y[lab_idx]
-    x_u = train_x[torch.as_tensor(unlabelled, device=device)]
-    n_l, n_u = len(labelled), len(unlabelled)
-    x_l_eval = x_l  # labelled points for the per-epoch training accuracy, binarised once if needed
-    if dynamic:
-        g = torch.Generator().manual_seed(cfg.seed + 2)
-        x_l_eval = torch.bernoulli(x_l.cpu(), generator=g).to(device)
-    semi = n_u > 0
-    b_l = min(cfg.labelled_batch_size or cfg.batch_size, n_l)
-    state: dict[str, Any] | None = None
+    splits = prepare_data(dataset, model, cfg.binarize, cfg.seed)
+    kind = M2Kind(model, cfg, dataset, splits[:3], labelled, unlabelled, splits[3], device)
+    trainer = Trainer(
+        kind,
+        Settings(epochs=cfg.epochs, lr=cfg.lr, clip_norm=cfg.clip_norm, seed=cfg.seed),
+        ctx=ctx,
+        device=device,
+        run_dir=run_dir,
+        config=cfg.to_dict(),
+        callbacks=callbacks,
+        quiet=quiet,
+    )
     if resume:
         assert run_dir is not None
         # Several processes: rank 0 reads the checkpoint on the CPU and hands it to every rank.
         where = torch.device("cpu") if ctx.enabled else device
         state = ctx.on_main(lambda: _open_resumed_run(run_dir, cfg, where))
+        if state is not None:
+            trainer.load_state(state)
     elif run_dir is not None:
 
         def start_run() -> None:
@@ -953,280 +865,18 @@ def _fit_ssl(
             cfg.save(run_dir / "config.toml")
 
         ctx.on_main(start_run)
-
-    # -- training ----------------------------------------------------------------------------
-    optimizer = make_adam(model.parameters(), lr=cfg.lr)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    labelled_batches = _Cycler(n_l, b_l, torch.Generator().manual_seed(cfg.seed + 1))
-    steps_per_epoch = math.ceil(n_u / cfg.batch_size) if semi else math.ceil(n_l / b_l)
-    total_steps = cfg.epochs * steps_per_epoch
-    w_l, w_u = n_l / (n_l + n_u), n_u / (n_l + n_u)
-    step = _StepLoss(model, labelled_elbo, unlabelled_elbo, cfg.alpha, w_l, w_u, dynamic)
-    # Alone: the loss itself. Under torchrun: a DDP module whose forward computes it.
-    step_loss = ctx.wrap(model, step, device)
-    x_none = x_u[:0]  # the unlabelled shard of a conditional VAE's step
-    annealed = [
-        m for m in model.modules() if m is not model and callable(getattr(m, "anneal", None))
-    ]
-    history: list[dict[str, float]] = []
-    best_acc, best_epoch, best_state = -1.0, 0, _state_copy(model)
-    start_epoch = 0
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            best_state = {k: v.to(device) for k, v in state["best_model"].items()}
-            lb = state["labelled_batches"]
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ConfigError(
-                f"checkpoint in {str(run_dir)!r} does not match the model its config builds: "
-                f"{ckpt.describe_load_error(e)}"
-            ) from None
-        ckpt.set_rng_state(state["rng"], shuffle)
-        labelled_batches.generator.set_state(lb["generator"])
-        labelled_batches.perm = lb["perm"].cpu()
-        labelled_batches.pos = int(lb["pos"])
-        history = [dict(h) for h in state["history"]]
-        start_epoch = int(state["epoch"])
-        best_epoch, best_acc = int(state["best_epoch"]), float(state["best_val_accuracy"])
-    bar = tqdm(
-        total=total_steps,
-        initial=start_epoch * steps_per_epoch,
-        disable=quiet or not sys.stderr.isatty() or not ctx.is_main,
-        desc="ssl",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    model.train()
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            ctx.seed_epoch(cfg.seed, epoch)
-            t0 = time.perf_counter()
-            perm = torch.randperm(max(n_u, 1), generator=shuffle).to(device)
-            sums = dict.fromkeys(("loss", "labelled_loss", "unlabelled_loss", "class_loss"), 0.0)
-            for b in range(steps_per_epoch):
-                progress = (epoch * steps_per_epoch + b) / max(1, total_steps - 1)
-                for m in annealed:
-                    m.anneal(progress)
-                # Every rank draws the same global batches and takes its shard of each.
-                lab_batch = labelled_batches.next().to(device)
-                idx = ctx.shard(lab_batch)
-                step.labels = y_l[idx]
-                if semi:
-                    unl_batch = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                    xu = x_u[ctx.shard(unl_batch)]
-                    step.sizes = (len(lab_batch), len(unl_batch))
-                else:
-                    xu = x_none
-                    step.sizes = (len(lab_batch), 1)
-                optimizer.zero_grad(set_to_none=True)
-                loss = step_loss(torch.cat([x_l[idx], xu]))
-                # (loss, labelled, unlabelled, class) of the global batch, summed over shards
-                value = ctx.loss_value(
-                    torch.cat([loss.detach().reshape(1), step.parts * ctx.world_size])
-                )
-                if not bool(torch.isfinite(value[0])):
-                    where = (
-                        f"the last checkpoint (epoch {epoch}) is in {str(run_dir)!r}"
-                        if run_dir is not None and epoch > 0
-                        else "no checkpoint was written"
-                    )
-                    raise TrainingError(
-                        f"non-finite loss ({float(value[0])}) at epoch {epoch + 1}, step {b + 1} "
-                        f"of {steps_per_epoch}; {where}. Try a lower --lr or --clip-norm."
-                    )
-                loss.backward()
-                if cfg.clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-                optimizer.step()
-                for i, key in enumerate(sums):
-                    sums[key] = sums[key] + value[i]  # no device sync per step
-                bar.update(1)
-            seconds = time.perf_counter() - t0
-            # Rank 0 measures the accuracies (it chooses best.pt); every rank receives them.
-            val_acc, lab_acc = ctx.on_main(
-                lambda: (
-                    _accuracy(model.label_guide, val_x, dataset.val_y),
-                    _accuracy(model.label_guide, x_l_eval, y_l),
-                )
-            )
-            row: dict[str, float] = {"epoch": float(epoch + 1)}
-            row.update({k: float(v) / steps_per_epoch for k, v in sums.items()})
-            if not semi:
-                row["unlabelled_loss"] = float("nan")
-            row["labelled_accuracy"] = lab_acc
-            row["val_accuracy"] = val_acc
-            temperature = getattr(model.label_guide, "temperature", None)
-            if temperature is not None:
-                row["temperature"] = float(temperature)
-            row["seconds"] = seconds
-            history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.2f}", val_acc=f"{val_acc:.3f}")
-            improved = val_acc >= best_acc
-            if improved:
-                best_acc, best_epoch, best_state = val_acc, epoch + 1, _state_copy(model)
-            if run_dir is not None:
-                checkpoint = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "rng": ckpt.rng_state(shuffle),
-                    "labelled_batches": {
-                        "generator": labelled_batches.generator.get_state(),
-                        "perm": labelled_batches.perm,
-                        "pos": labelled_batches.pos,
-                    },
-                    "config": cfg.to_dict(),
-                    "best_epoch": best_epoch,
-                    "best_val_accuracy": best_acc,
-                    "best_model": best_state,
-                }
-                # Rank 0 writes; the other ranks wait for it (on_main is a barrier).
-                ctx.on_main(functools.partial(_write_epoch, run_dir, checkpoint, improved))
-    finally:
-        bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
-    ctx.dump(model)
-
-    train_seconds = sum(h["seconds"] for h in history)
-    kept: list[SSLResult] = []
-
-    def evaluate_and_write() -> tuple[dict[str, Any], list[dict[str, float]]]:
-        test_y = dataset.test_y
-        pred = model.predict(test_x)
-        per_class = model.elbo_per_class(test_x, cfg.elbo_samples)
-        u = model.unlabelled_elbo(test_x, per_class=per_class)
-        lab = per_class.gather(1, test_y[:, None]).squeeze(1)
-        confusion = _confusion(pred, test_y, num_classes)
-        class_names = list(dataset.class_names or [str(k) for k in range(num_classes)])
-        metrics: dict[str, Any] = {
-            "test_accuracy": float((pred == test_y).float().mean()),
-            "per_class_accuracy": _per_class(confusion, class_names),
-            "test_elbo": float(u.mean()),
-            "test_elbo_labelled": float(lab.mean()),
-            "test_elbo_se": float(u.std() / math.sqrt(len(u))) if len(u) > 1 else float("nan"),
-            "elbo_samples": cfg.elbo_samples,
-            "units": "accuracy in [0, 1]; ELBO in nats per data point",
-            "elbo_definitions": (
-                "test_elbo: unlabelled bound U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)], y summed "
-                "out exactly; test_elbo_labelled: L(x, y) at the true label"
-            ),
-            "label_guide": spec_of(model.label_guide, "label_guide"),
-            "estimator": estimator,
-            "mode": "semi-supervised" if semi else "conditional VAE (every example labelled)",
-            "labels": n_l,
-            "labels_per_class": counts.tolist(),
-            "unlabelled": n_u,
-            "alpha": cfg.alpha,
-            "alpha_paper": cfg.alpha * (n_l + n_u),
-            "best_epoch": best_epoch,
-            "best_val_accuracy": best_acc,
-            "final_val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
-            "epochs": cfg.epochs,
-            "steps_per_epoch": steps_per_epoch,
-            "seconds_per_epoch": train_seconds / max(1, len(history)),
-            "train_seconds": train_seconds,
-            "prior": cfg.prior,
-            "likelihood": likelihood,
-            "binarization": "dynamic"
-            if dynamic
-            else ("static" if cfg.binarize == "static" else "none"),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "classifier_parameters": sum(p.numel() for p in model.label_guide.net.parameters()),
-            "device": str(device),
-            "data": dataset.describe(),
-            "confusion_matrix": confusion.tolist(),
-        }
-
-        baseline: LabelGuide | None = None
-        baseline_history: list[dict[str, float]] = []
-        if cfg.baseline == "supervised":
-            pyro.set_rng_seed(cfg.seed + 7919)
-            b_args = dict(cfg.label_guide_args)
-            if cfg.baseline_dropout is not None:
-                b_args["dropout"] = cfg.baseline_dropout
-            baseline = build_component(
-                cfg.label_guide,
-                "label_guide",
-                {
-                    "data_shape": dataset.data_shape,
-                    "num_classes": num_classes,
-                    "hidden_dims": tuple(cfg.hidden_dims),
-                    "network": cfg.network,
-                },
-                b_args,
-            ).to(device)
-            baseline_history, b_epoch = train_supervised(
-                baseline,
-                x_l,
-                y_l,
-                val_x,
-                dataset.val_y,
-                epochs=cfg.baseline_epochs or cfg.epochs,
-                steps_per_epoch=steps_per_epoch,
-                batch_size=b_l,
-                lr=cfg.baseline_lr or cfg.lr,
-                dynamic=dynamic,
-                seed=cfg.seed,
-                patience=cfg.baseline_patience,
-                clip_norm=cfg.clip_norm,
-            )
-            b_pred = torch.cat(
-                [baseline(test_x[i : i + 1024]).argmax(-1) for i in range(0, len(test_x), 1024)]
-            )
-            b_conf = _confusion(b_pred, test_y, num_classes)
-            metrics["baseline"] = (
-                "supervised: the same classifier trained on the labelled subset alone"
-            )
-            metrics["baseline_test_accuracy"] = float((b_pred == test_y).float().mean())
-            metrics["baseline_per_class_accuracy"] = _per_class(b_conf, class_names)
-            metrics["baseline_best_epoch"] = b_epoch
-            metrics["baseline_best_val_accuracy"] = max(h["val_accuracy"] for h in baseline_history)
-            metrics["baseline_epochs_run"] = len(baseline_history)
-            metrics["baseline_seconds"] = sum(h["seconds"] for h in baseline_history)
-            metrics["baseline_settings"] = {
-                "lr": cfg.baseline_lr or cfg.lr,
-                "epochs": cfg.baseline_epochs or cfg.epochs,
-                "dropout": b_args.get("dropout", 0.0),
-                "patience": cfg.baseline_patience,
-                "batch_size": b_l,
-                "steps_per_epoch": steps_per_epoch,
-            }
-
-        if ctx.enabled:
-            metrics["processes"] = ctx.world_size
-        result = SSLResult(
-            model,
-            cfg,
-            dataset,
-            history,
-            metrics,
-            labelled,
-            unlabelled,
-            run_dir,
-            baseline,
-            baseline_history,
-        )
-        if run_dir is not None:
-            if baseline_history:
-                write_history_csv(run_dir / "baseline_history.csv", baseline_history)
-            write_metrics(run_dir, metrics)
-            if figures:
-                metrics["figures"] = [
-                    p.name for p in write_ssl_figures(result, test_x, pred, confusion)
-                ]
-                write_metrics(run_dir, metrics)
-        kept.append(result)
-        return metrics, baseline_history
-
-    # Rank 0 scores the test set, trains the baseline and writes; every rank gets the metrics.
-    metrics, baseline_history = ctx.on_main(evaluate_and_write)
-    if kept:
-        return kept[0]
+    metrics = trainer.run(figures)
     return SSLResult(
-        model, cfg, dataset, history, metrics, labelled, unlabelled, run_dir, None, baseline_history
+        model,
+        cfg,
+        dataset,
+        trainer.history,
+        metrics,
+        labelled,
+        unlabelled,
+        run_dir,
+        kind.baseline,
+        kind.baseline_history,
     )
 
 
@@ -1259,9 +909,9 @@ def train_supervised(
         ``(history, best_epoch)``; ``classifier`` holds the best weights.
     """
     optimizer = make_adam(classifier.parameters(), lr=lr)
-    batches = _Cycler(len(x), batch_size, torch.Generator().manual_seed(seed + 2))
+    batches = Cycler(len(x), batch_size, torch.Generator().manual_seed(seed + 2))
     history: list[dict[str, float]] = []
-    best_acc, best_epoch, best_state = -1.0, 0, _state_copy(classifier)
+    best_acc, best_epoch, best_state = -1.0, 0, state_copy(classifier)
     classifier.train()
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -1278,37 +928,23 @@ def train_supervised(
                 torch.nn.utils.clip_grad_norm_(classifier.parameters(), clip_norm)
             optimizer.step()
             total += float(loss.detach())
-        acc = _accuracy(classifier, val_x, val_y)
+        acc = labelled_accuracy(classifier, val_x, val_y)
         history.append(
             {
                 "epoch": float(epoch + 1),
                 "class_loss": total / steps_per_epoch,
-                "labelled_accuracy": _accuracy(classifier, x, y),
+                "labelled_accuracy": labelled_accuracy(classifier, x, y),
                 "val_accuracy": acc,
                 "seconds": time.perf_counter() - t0,
             }
         )
         if acc >= best_acc:
-            best_acc, best_epoch, best_state = acc, epoch + 1, _state_copy(classifier)
+            best_acc, best_epoch, best_state = acc, epoch + 1, state_copy(classifier)
         elif patience is not None and epoch + 1 - best_epoch >= patience:
             break
     classifier.load_state_dict(best_state)
     classifier.eval()
     return history, best_epoch
-
-
-def _confusion(pred: torch.Tensor, y: torch.Tensor, k: int) -> np.ndarray:
-    """Counts ``[true, predicted]``, ``(K, K)``."""
-    flat = (y.long() * k + pred.long()).cpu()
-    return torch.bincount(flat, minlength=k * k).reshape(k, k).numpy()
-
-
-def _per_class(confusion: np.ndarray, names: list[str]) -> dict[str, float | None]:
-    totals = confusion.sum(1)
-    return {
-        name: (float(confusion[i, i] / totals[i]) if totals[i] else None)
-        for i, name in enumerate(names)
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1409,7 +1045,7 @@ def write_ssl_figures(
     ]
     if result.baseline is not None:
         b_pred = result.baseline.predict(test_x)
-        b_conf = _confusion(b_pred, ds.test_y, k)
+        b_conf = confusion_counts(b_pred, ds.test_y, k)
         b_acc = result.metrics["baseline_test_accuracy"]
         paths.append(
             confusion_figure(

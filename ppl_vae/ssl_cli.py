@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .cli import _int_list, _key_values
+from .cli import _int_list, _key_values, add_network_options
 from .models.errors import ConfigError
 
 
@@ -132,6 +132,7 @@ def register(subparsers: Any) -> None:
         choices=("auto", "mlp", "conv"),
         help=f"network type (default {d.network}: conv for images of 16x16 and more)",
     )
+    add_network_options(g)
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--num-particles", type=int, help=f"particles per step (default {d.num_particles})"
@@ -205,7 +206,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, f.name, None)
         if v is not None:
             given[f.name] = v
-    for name in ("prior", "likelihood", "label_guide"):
+    for name in ("prior", "likelihood", "label_guide", "encoder", "decoder"):
         items = getattr(args, f"{name}_arg", None)
         if items:
             given[f"{name}_args"] = _key_values(items, f"--{name.replace('_', '-')}-arg")

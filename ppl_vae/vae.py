@@ -19,17 +19,19 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule
+from pyro.nn import PyroModule, pyro_method
 
 from .components import build as build_component
-from .guides.encoders import ConvEncoder, Encoder, MLPEncoder
-from .models.decoders import ConvDecoder, MLPDecoder
-from .models.distributions.family import base_distribution
+from .guides.encoders import Encoder
+from .models.distributions.family import VariationalFamily, base_distribution
 from .models.errors import ConfigError
 from .models.likelihoods.base import Likelihood
 from .models.priors.base import Prior
 
 NETWORKS = ("auto", "mlp", "conv")
+#: Constructor arguments :func:`build_networks` fills from the model, never from user options.
+ENCODER_CONTEXT = ("data_shape", "latent_dim", "family", "cond_dim")
+DECODER_CONTEXT = ("in_dim", "data_shape", "params_per_element", "cond_dim")
 
 
 def check_batch_shape(x: torch.Tensor, data_shape: tuple[int, ...]) -> None:
@@ -77,6 +79,7 @@ class VAE(PyroModule):
         check_batch_shape(x, self.data_shape)
 
     # -- the Pyro programs -----------------------------------------------------------------
+    @pyro_method
     def model(self, x: torch.Tensor) -> torch.Tensor:
         r"""``z ~ p(z)``, ``x ~ p(x | decoder(embed(z)))`` inside ``plate("data")``."""
         with pyro.plate("data", x.shape[0], dim=-1):
@@ -85,6 +88,7 @@ class VAE(PyroModule):
             pyro.sample("x", self.likelihood(self.decoder(self.prior.embed(z))), obs=x)
         return z
 
+    @pyro_method
     def guide(self, x: torch.Tensor) -> torch.Tensor:
         r"""``z ~ q(z | x)`` inside the same ``plate("data")``."""
         with pyro.plate("data", x.shape[0], dim=-1):
@@ -171,6 +175,163 @@ def build_prior_and_likelihood(
     return p, lik
 
 
+def build_networks(
+    data_shape: Sequence[int],
+    latent_dim: int,
+    embed_dim: int,
+    family: VariationalFamily,
+    params_per_element: int,
+    hidden_dims: Sequence[int],
+    *,
+    network: str = "auto",
+    encoder: Any = None,
+    decoder: Any = None,
+    encoder_args: dict[str, Any] | None = None,
+    decoder_args: dict[str, Any] | None = None,
+    cond_dim: int = 0,
+) -> tuple[Encoder, torch.nn.Module]:
+    r"""Build (or check) the encoder :math:`q(z \mid x[, y])` and the decoder of a model.
+
+    The encoder is built with the context ``data_shape``, ``latent_dim``, ``family``,
+    ``hidden_dims`` and ``cond_dim``; the decoder with ``in_dim=embed_dim``, ``data_shape``,
+    ``params_per_element``, the hidden dims reversed and ``cond_dim``. The ``*_args`` are user
+    options, checked against the constructor. An instance is used as it is, after checking that
+    it fits the model.
+
+    Args:
+        data_shape: shape of one data point, ``(D,)`` or ``(C, H, W)``.
+        latent_dim: D of z.
+        embed_dim: width of the prior's ``embed(z)``, the decoder's input.
+        family: the variational family of q(z|x) (the prior's ``guide_family()``).
+        params_per_element: P, the likelihood's outputs per data element.
+        hidden_dims: the encoder's hidden widths; the decoder's are these reversed.
+        network: ``"mlp"``, ``"conv"`` or ``"auto"`` (see :func:`choose_network`), the
+            network of an ``encoder`` or ``decoder`` left as None.
+        encoder: an encoder name (``"mlp"``, ``"conv"``, ``"resnet"``), ``"file.py:Class"``,
+            ``"package.module:Class"``, an :class:`~ppl_vae.guides.encoders.Encoder` subclass
+            or an instance; None: from ``network``.
+        decoder: likewise for the decoder
+            (:class:`~ppl_vae.models.decoders.Decoder`).
+        encoder_args: options for the encoder's constructor (``activation``, ``norm``, ...).
+        decoder_args: options for the decoder's constructor.
+        cond_dim: width of a conditioning vector for both networks (M2: the number of classes).
+
+    Returns:
+        ``(encoder, decoder)``.
+
+    Example:
+        >>> from ppl_vae.models.priors.gaussian import GaussianPrior
+        >>> enc, dec = build_networks(
+        ...     (64,), 2, 2, GaussianPrior(2).guide_family(), 1, (32,),
+        ...     encoder_args={"activation": "softplus"},
+        ... )
+        >>> type(enc.trunk[1]).__name__
+        'Softplus'
+    """
+    data_shape = tuple(int(s) for s in data_shape)
+    hidden = tuple(int(h) for h in hidden_dims)
+    kind = choose_network(network, data_shape)
+    for part, args, reserved in (
+        ("encoder", encoder_args, ENCODER_CONTEXT),
+        ("decoder", decoder_args, DECODER_CONTEXT),
+    ):
+        fixed = sorted(set(args or {}) & set(reserved))
+        if fixed:
+            raise ConfigError(
+                f"{part} option(s) {fixed} are set by the model (from the data, prior, likelihood "
+                f"and labels); {part} options may set hidden_dims and the network's own options"
+            )
+    enc = build_component(
+        encoder if encoder is not None else kind,
+        "encoder",
+        {
+            "data_shape": data_shape,
+            "latent_dim": latent_dim,
+            "family": family,
+            "hidden_dims": hidden,
+            "cond_dim": cond_dim,
+        },
+        dict(encoder_args or {}),
+    )
+    dec = build_component(
+        decoder if decoder is not None else kind,
+        "decoder",
+        {
+            "in_dim": embed_dim,
+            "data_shape": data_shape,
+            "params_per_element": params_per_element,
+            "hidden_dims": hidden[::-1],
+            "cond_dim": cond_dim,
+        },
+        dict(decoder_args or {}),
+    )
+    check_encoder(enc, data_shape, latent_dim, cond_dim)
+    check_decoder(dec, embed_dim, data_shape, params_per_element, cond_dim)
+    return enc, dec  # type: ignore[return-value]
+
+
+def check_encoder(
+    encoder: torch.nn.Module, data_shape: tuple[int, ...], latent_dim: int, cond_dim: int
+) -> None:
+    """Reject an encoder whose ``data_shape``, ``latent_dim`` or ``cond_dim`` the model cannot use."""
+    name = type(encoder).__name__
+    if not isinstance(encoder, Encoder):
+        raise ConfigError(
+            f"encoder must be a ppl_vae.guides.encoders.Encoder, got {name} "
+            "(an nn.Module without features/head)"
+        )
+    for attr, want in (
+        ("data_shape", data_shape),
+        ("latent_dim", latent_dim),
+        ("cond_dim", cond_dim),
+    ):
+        got = getattr(encoder, attr, None)
+        if got != want:
+            raise ConfigError(f"encoder {name} has {attr} {got!r} but the model needs {want!r}")
+
+
+@torch.no_grad()
+def check_decoder(
+    decoder: torch.nn.Module,
+    in_dim: int,
+    data_shape: tuple[int, ...],
+    params_per_element: int,
+    cond_dim: int,
+) -> None:
+    """Run ``decoder`` once on zeros ``(2, in_dim)`` and check its output is ``(2, P, *data_shape)``.
+
+    The run is in eval mode (no dropout, no batch-statistics update) and the mode is restored.
+    """
+    name = type(decoder).__name__
+    want = (2, params_per_element, *data_shape)
+    ref = next(iter(decoder.parameters()), None)
+    if ref is None:
+        ref = next(iter(decoder.buffers()), torch.zeros(()))
+    h = ref.new_zeros(2, in_dim)
+    y = ref.new_zeros(2, cond_dim) if cond_dim else None
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        out = decoder(h) if y is None else decoder(h, y)
+    except ConfigError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"decoder {name} fails on features of shape (N, {in_dim})"
+            + (f" and a conditioning vector (N, {cond_dim})" if cond_dim else "")
+            + f": {type(e).__name__}: {first}"
+        ) from None
+    finally:
+        decoder.train(was_training)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != want:
+        raise ConfigError(
+            f"decoder {name} returns {got} for features of shape (2, {in_dim}) but the model "
+            f"needs {want} (P={params_per_element} outputs per element of {data_shape})"
+        )
+
+
 def build_vae(
     data_shape: Sequence[int],
     *,
@@ -182,6 +343,10 @@ def build_vae(
     prior_args: dict[str, Any] | None = None,
     likelihood_args: dict[str, Any] | None = None,
     num_levels: int | None = None,
+    encoder: Any = None,
+    decoder: Any = None,
+    encoder_args: dict[str, Any] | None = None,
+    decoder_args: dict[str, Any] | None = None,
 ) -> VAE:
     """Assemble a :class:`VAE` from component specs, sized from the data shape and latent size.
 
@@ -192,24 +357,32 @@ def build_vae(
         latent_dim: D of z (ignored for a prior instance, which has its own).
         hidden_dims: hidden widths of encoder and decoder (mirrored in the decoder); ``()`` gives
             linear maps.
-        network: ``"mlp"``, ``"conv"`` or ``"auto"``.
+        network: ``"mlp"``, ``"conv"`` or ``"auto"``: the networks used when ``encoder`` or
+            ``decoder`` is None.
         prior_args: options for the prior's constructor.
         likelihood_args: options for the likelihood's constructor.
         num_levels: quantisation levels of the data, offered to likelihoods that take it.
+        encoder: an encoder name (``"mlp"``, ``"conv"``, ``"resnet"``), ``"file.py:Class"``,
+            ``"package.module:Class"``, a class or an instance; None: from ``network``.
+        decoder: likewise for the decoder.
+        encoder_args: options for the encoder's constructor (e.g. ``{"activation": "softplus"}``).
+        decoder_args: options for the decoder's constructor.
     """
     data_shape = tuple(int(s) for s in data_shape)
-    hidden = tuple(int(h) for h in hidden_dims)
     p, lik = build_prior_and_likelihood(
         data_shape, prior, likelihood, latent_dim, prior_args, likelihood_args, num_levels
     )
-    family = p.guide_family()
-    kind = choose_network(network, data_shape)
-    if kind == "conv":
-        enc: Encoder = ConvEncoder(data_shape, p.latent_dim, family, hidden)
-        dec: torch.nn.Module = ConvDecoder(
-            p.embed_dim, data_shape, lik.params_per_element, hidden[::-1]
-        )
-    else:
-        enc = MLPEncoder(data_shape, p.latent_dim, family, hidden)
-        dec = MLPDecoder(p.embed_dim, data_shape, lik.params_per_element, hidden[::-1])
+    enc, dec = build_networks(
+        data_shape,
+        p.latent_dim,
+        p.embed_dim,
+        p.guide_family(),
+        lik.params_per_element,
+        hidden_dims,
+        network=network,
+        encoder=encoder,
+        decoder=decoder,
+        encoder_args=encoder_args,
+        decoder_args=decoder_args,
+    )
     return VAE(p, lik, enc, dec)

@@ -18,7 +18,7 @@ def test_installed_namespace():
     import ppl_vae.models.priors.gaussian
 
     assert Path(ppl_vae.models.priors.gaussian.__file__).resolve().parent == ROOT / "models" / "priors"
-    assert Path(ppl_vae.guides.encoders.__file__).resolve().parent == ROOT / "guides"
+    assert Path(ppl_vae.guides.encoders.__file__).resolve().parent == ROOT / "guides" / "encoders"
     dist = distribution("ppl-vae")
     assert dist.metadata["Requires-Python"] == ">=3.10"
     requires = " ".join(dist.requires or [])
@@ -45,7 +45,8 @@ def test_wheel_contents(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "ppl_vae/models/priors/gaussian.py" in names
     assert "ppl_vae/models/likelihoods/bernoulli.py" in names
-    assert "ppl_vae/guides/encoders.py" in names
+    assert "ppl_vae/guides/encoders/resnet.py" in names
+    assert "ppl_vae/models/decoders/resnet.py" in names
     assert "ppl_vae/guides/labels/__init__.py" in names
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"ppl_vae", next(n.split("/")[0] for n in names if ".dist-info/" in n)}

@@ -19,6 +19,7 @@ from pyro.nn import PyroModule
 from torch.distributions import constraints
 
 from ..errors import ConfigError
+from ..options import RecordsOptions
 
 
 def check_data_shape(data_shape: Any) -> tuple[int, ...]:
@@ -32,7 +33,7 @@ def check_data_shape(data_shape: Any) -> tuple[int, ...]:
     return shape
 
 
-class Likelihood(PyroModule):
+class Likelihood(RecordsOptions, PyroModule):
     r"""Base class of likelihoods :math:`p(x \mid \eta)`, :math:`\eta` = decoder output.
 
     Args:

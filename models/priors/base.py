@@ -25,6 +25,7 @@ from pyro.nn import PyroModule
 
 from ..distributions.family import MirrorFamily, VariationalFamily, base_distribution
 from ..errors import ConfigError
+from ..options import RecordsOptions
 
 
 def check_latent_dim(latent_dim: Any) -> int:
@@ -34,7 +35,7 @@ def check_latent_dim(latent_dim: Any) -> int:
     return latent_dim
 
 
-class Prior(PyroModule):
+class Prior(RecordsOptions, PyroModule):
     r"""Base class of priors :math:`p(z)`, :math:`z \in \mathbb{R}^D` (or a product manifold).
 
     Args:

@@ -1,0 +1,54 @@
+r"""Getting data and device ready for training: the device choice and the data checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data import Dataset
+from ..models.errors import ConfigError
+
+__all__ = ["prepare_data", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def is_binary(x: torch.Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def prepare_data(
+    ds: Dataset, vae: Any, binarize: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Resolve ``auto`` binarisation and check every split against the likelihood's support."""
+    lik = vae.likelihood
+    needs_binary = lik.support is torch.distributions.constraints.boolean
+    dynamic = binarize == "dynamic" or (
+        binarize == "auto" and needs_binary and not is_binary(ds.train_x)
+    )
+    train, val, test = ds.train_x, ds.val_x, ds.test_x
+    for x in (train, val, test):
+        vae.check_input(x)
+    if dynamic:
+        if not bool(((train >= 0) & (train <= 1)).all()):
+            raise ConfigError(
+                "dynamic binarisation needs data in [0, 1], got values in "
+                f"[{float(train.min()):.4g}, {float(train.max()):.4g}]"
+            )
+        # Evaluation data are binarised once, reproducibly, from their own generator.
+        g = torch.Generator().manual_seed(seed + 1)
+        val = torch.bernoulli(val.cpu(), generator=g).to(val.device)
+        test = torch.bernoulli(test.cpu(), generator=g).to(test.device)
+    else:
+        lik.check_data(train, "training data")
+    lik.check_data(val, "validation data")
+    lik.check_data(test, "test data")
+    return train, val, test, dynamic

@@ -1,0 +1,329 @@
+r"""The one training loop: every model kind (VAE, M2, a user's pair) trains here.
+
+The trainer knows no kind by name. It owns what every run shares:
+
+- the optimiser (Adam, fused where available) and gradient clipping;
+- the KL weight schedule :math:`\beta_t = \beta \cdot \min(1, (t+1) / T_\text{warm-up})` and the
+  training progress :math:`t / (T - 1)` (temperatures), handed to the kind before every step as a
+  :class:`~ppl_vae.kinds.base.StepState`;
+- the non-finite guard: a non-finite loss, or distribution parameters that Pyro's validation
+  rejects, stop the run with a :class:`TrainingError` that names the epoch and batch and where the
+  last good checkpoint is;
+- the progress bar, the per-epoch history and validation, the best-validation weights
+  (``best.pt``; ties go to the later epoch);
+- atomic checkpoints holding the module, the optimiser, the history, the best weights, every
+  random state and the kind's batch order, so that a resumed run continues to exactly the result
+  an uninterrupted one gives on CPU;
+- DistributedDataParallel under ``torchrun``: the whole step loss is computed inside the wrapped
+  module's forward (:mod:`ppl_vae.distributed`);
+- callbacks (:mod:`ppl_vae.training.callbacks`), the only way anything else hooks into an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import checkpoint as ckpt
+from .. import distributed
+from ..kinds.base import ModelKind, StepState
+from ..models.errors import ConfigError
+from ..optim import make_adam
+from .callbacks import Callback, CallbackList
+
+__all__ = ["Settings", "Trainer", "TrainingError", "history_text", "write_history_csv"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The optimisation settings every kind shares.
+
+    Attributes:
+        epochs: training epochs.
+        lr: Adam's learning rate.
+        beta: KL weight after the warm-up.
+        warmup_epochs: linear warm-up of the KL weight from 0 to ``beta`` (0: none).
+        clip_norm: clip the global gradient norm (None: off; ``inf`` measures without clipping).
+        seed: the run's seed (per-epoch noise under several processes).
+    """
+
+    epochs: int
+    lr: float
+    beta: float = 1.0
+    warmup_epochs: float = 0.0
+    clip_norm: float | None = None
+    seed: int = 0
+
+
+def nonfinite_message(what: str, epoch: int, batch: int, steps: int, run_dir: Path | None) -> str:
+    """The one-line report of a non-finite step (``epoch`` 0-based, the number done)."""
+    where = (
+        f"the last good checkpoint (epoch {epoch}) is in {str(run_dir)!r}"
+        if run_dir is not None and epoch > 0
+        else "no checkpoint was written"
+    )
+    return (
+        f"{what} at epoch {epoch + 1}, batch {batch + 1} of {steps}; {where}. "
+        "Try a lower --lr or --clip-norm."
+    )
+
+
+def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``module``'s state dict."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class Trainer:
+    """Trains one :class:`~ppl_vae.kinds.base.ModelKind`.
+
+    Args:
+        kind: the model kind (module, batches, objective, reports).
+        settings: optimiser and schedule settings.
+        ctx: the process's place in a ``torchrun`` job (a single process by default).
+        device: where the module and data live.
+        run_dir: the run directory to checkpoint into (None: in memory only).
+        config: the run's resolved config as plain data (saved in every checkpoint).
+        callbacks: hooks into the run.
+        quiet: no progress bar (it is also off when stderr is not a terminal and on ranks > 0).
+    """
+
+    def __init__(
+        self,
+        kind: ModelKind,
+        settings: Settings,
+        *,
+        ctx: distributed.Context | None = None,
+        device: torch.device | None = None,
+        run_dir: Path | None = None,
+        config: dict[str, Any] | None = None,
+        callbacks: list[Callback] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.kind = kind
+        self.settings = settings
+        self.ctx = ctx or distributed.Context()
+        self.device = device or torch.device("cpu")
+        self.run_dir = run_dir
+        self.config = dict(config or {})
+        self.callbacks = CallbackList(callbacks or [])
+        self.quiet = quiet
+        self.module = kind.module
+        self.optimizer = make_adam(self.module.parameters(), lr=settings.lr)
+        # Alone: the kind's loss itself. Under torchrun: a DDP module whose forward computes it.
+        self.step_loss = self.ctx.wrap(self.module, kind.loss, self.device)
+        self.history: list[dict[str, float]] = []
+        self.start_epoch = 0
+        self.best_epoch = 0
+        self.best_value = -math.inf
+        self.best_state: dict[str, torch.Tensor] | None = (
+            state_copy(self.module) if kind.restore_best else None
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`checkpoint_state`."""
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.kind.restore_best:
+                self.best_state = {k: v.to(self.device) for k, v in state["best_model"].items()}
+            self.kind.load_batch_state(state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ConfigError(
+                f"checkpoint in {str(self.run_dir)!r} does not match the model its config "
+                f"builds: {ckpt.describe_load_error(e)}"
+            ) from None
+        ckpt.set_rng_state(state["rng"], self.kind.shuffle)
+        self.history = [dict(h) for h in state["history"]]
+        self.start_epoch = int(state["epoch"])
+        if "best_epoch" in state:
+            self.best_epoch = int(state["best_epoch"])
+            self.best_value = float(state[f"best_{self.kind.monitor}"])
+
+    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain data."""
+        state: dict[str, Any] = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch,
+            "history": self.history,
+            "rng": ckpt.rng_state(self.kind.shuffle),
+            **self.kind.batch_state(),
+            "config": self.config,
+            "kind": self.kind.name,
+            "best_epoch": self.best_epoch,
+            f"best_{self.kind.monitor}": self.best_value,
+        }
+        if self.best_state is not None:
+            state["best_model"] = self.best_state
+        return state
+
+    def _write_epoch(self, epoch: int, improved: bool) -> None:
+        assert self.run_dir is not None
+        state = self.checkpoint_state(epoch)
+        # best.pt first: a kill between the two writes replays this epoch on resume, which
+        # writes the same best.pt again.
+        if improved and self.best_state is not None:
+            ckpt.save_state_atomic(self.run_dir / ckpt.BEST, state)
+        ckpt.save_checkpoint(self.run_dir, state)
+        write_history_csv(self.run_dir / "history.csv", self.history)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def beta(self, step: int, steps_per_epoch: int) -> float:
+        warmup_steps = self.settings.warmup_epochs * steps_per_epoch
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return self.settings.beta * warm
+
+    def run(self, figures: bool = True) -> dict[str, Any]:
+        """Train (:meth:`fit`), then evaluate and write (:meth:`evaluate_and_write`)."""
+        try:
+            self.fit()
+            return self.evaluate_and_write(figures)
+        finally:
+            self.callbacks.on_train_end(self)
+
+    def evaluate_and_write(self, figures: bool = True) -> dict[str, Any]:
+        """Rank 0 computes the test metrics and writes ``metrics.json``, the kind's outputs and
+        figures; every rank returns the metrics."""
+        from .rundir import write_metrics
+
+        def on_main() -> dict[str, Any]:
+            train_seconds = sum(h["seconds"] for h in self.history)
+            metrics = self.kind.evaluate(self.history, train_seconds)
+            if self.ctx.enabled:
+                metrics["processes"] = self.ctx.world_size
+            self.callbacks.on_evaluated(self, metrics)
+            if self.run_dir is not None:
+                self.kind.write_outputs(self.run_dir, metrics)
+                write_metrics(self.run_dir, metrics)
+                if figures:
+                    paths = list(self.kind.figures(self.run_dir, metrics, self.history))
+                    metrics["figures"] = [Path(p).name for p in paths]
+                    write_metrics(self.run_dir, metrics)
+                    self.callbacks.on_figures(self, paths)
+            return metrics
+
+        return self.ctx.on_main(on_main)
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train from :attr:`start_epoch` to ``settings.epochs``; return the history."""
+        kind, ctx, s = self.kind, self.ctx, self.settings
+        steps = kind.steps_per_epoch()
+        total_steps = s.epochs * steps
+        bar = tqdm(
+            total=total_steps,
+            initial=self.start_epoch * steps,
+            disable=self.quiet or not sys.stderr.isatty() or not ctx.is_main,
+            desc=kind.progress_label,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self.module.train()
+        self.callbacks.on_train_start(self)
+        try:
+            for epoch in range(self.start_epoch, s.epochs):
+                ctx.seed_epoch(s.seed, epoch)
+                t0 = time.perf_counter()
+                kind.start_epoch(epoch, self.device)
+                sums = torch.zeros(1 + len(kind.part_names), device=self.device)
+                for b in range(steps):
+                    step = epoch * steps + b
+                    kind.begin_step(
+                        StepState(
+                            epoch=epoch,
+                            step=step,
+                            total_steps=total_steps,
+                            progress=step / max(1, total_steps - 1),
+                            beta=self.beta(step, steps),
+                        )
+                    )
+                    sums = sums + self._step(kind.batch(b, ctx.shard), epoch, b, steps)
+                    bar.update(1)
+                kind.end_steps()
+                row: dict[str, float] = {"epoch": float(epoch + 1)}
+                row.update(kind.train_columns(sums, steps))
+                row.update(ctx.on_main(kind.validate))
+                row.update(kind.schedule_columns())
+                row["seconds"] = time.perf_counter() - t0
+                self.history.append(row)
+                value = row[kind.monitor]
+                improved = value >= self.best_value
+                if improved:
+                    self.best_epoch, self.best_value = epoch + 1, value
+                    if kind.restore_best:
+                        self.best_state = state_copy(self.module)
+                bar.set_postfix({k: f"{row[k]:.4g}" for k in (list(row)[1], kind.monitor)})
+                self.callbacks.on_epoch_end(self, epoch + 1, row)
+                if self.run_dir is not None:
+                    # Rank 0 writes; the other ranks wait for it (on_main is a barrier).
+                    ctx.on_main(lambda e=epoch + 1, i=improved: self._write_epoch(e, i))
+        finally:
+            bar.close()
+        if kind.restore_best and self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+        ctx.dump(self.module)
+        return self.history
+
+    def _step(self, batch: tuple[Any, ...], epoch: int, b: int, steps: int) -> torch.Tensor:
+        """One optimiser step; returns the global batch's ``[loss, *parts]`` (detached)."""
+        ctx = self.ctx
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            loss = self.step_loss(*batch)
+        except ValueError as e:
+            # Distribution validation rejects NaN/inf parameters before the loss is formed:
+            # the same fault as a non-finite loss, reported the same way.
+            if "invalid values" not in str(e):
+                raise
+            raise TrainingError(
+                nonfinite_message(
+                    "non-finite distribution parameters", epoch, b, steps, self.run_dir
+                )
+                + f" ({str(e).splitlines()[0]})"
+            ) from None
+        # (loss, parts) of the global batch, summed over the shards
+        value = ctx.loss_value(
+            torch.cat([loss.detach().reshape(1), self.kind.parts.to(loss) * ctx.world_size])
+        )
+        if not bool(torch.isfinite(value[0])):
+            raise TrainingError(
+                nonfinite_message(
+                    f"non-finite loss ({float(value[0])})", epoch, b, steps, self.run_dir
+                )
+            )
+        loss.backward()
+        if self.settings.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.clip_norm)
+        self.optimizer.step()
+        return value
+
+
+def history_text(history: list[dict[str, float]]) -> str:
+    """The per-epoch history as CSV text (empty for no epochs)."""
+    if not history:
+        return ""
+    cols = list(history[0])
+    lines = [",".join(cols)]
+    for h in history:
+        lines.append(",".join(f"{h[c]:.6g}" if c != "epoch" else str(int(h[c])) for c in cols))
+    return "\n".join(lines) + "\n"
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    """Write ``history`` to ``path`` atomically (nothing for no epochs)."""
+    from ..config import write_text_atomic
+
+    if not history:
+        return
+    write_text_atomic(path, history_text(history))

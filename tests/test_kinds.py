@@ -1,0 +1,143 @@
+"""The catalogue of model kinds: every kind trains through the one trainer and resumes exactly.
+
+A new kind is tested by adding one entry to ``KINDS``: how to start a small run of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ppl_vae import fit, fit_ssl
+from ppl_vae.checkpoint import load_checkpoint
+from ppl_vae.training import Callback
+
+SMALL = {
+    "vae": (fit, dict(max_train=200, log_likelihood_samples=4)),
+    "m2": (fit_ssl, dict(labels=20, max_train=300, elbo_samples=2)),
+}
+
+
+def _runner(kind):
+    fn, small = SMALL[kind]
+
+    def run(resume=False, **kw):
+        # a resumed run takes its saved config: only `epochs` may be given
+        return fn(**({} if resume else small), resume=resume, **kw)
+
+    return run
+
+
+KINDS = {kind: _runner(kind) for kind in SMALL}
+
+
+def _strip(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_interrupted_and_resumed_equals_uninterrupted(kind, tmp_path):
+    run = KINDS[kind]
+    whole = run(epochs=3, out=tmp_path / "whole", quiet=True, figures=False)
+    run(epochs=1, out=tmp_path / "part", quiet=True, figures=False)
+    resumed = run(epochs=3, out=tmp_path / "part", resume=True, quiet=True, figures=False)
+    assert _strip(resumed.history) == _strip(whole.history)
+    a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "part")
+    assert a["kind"] == b["kind"] == kind
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    ma, mb = whole.metrics, resumed.metrics
+    for key in ("test_elbo", "best_epoch"):
+        assert ma[key] == mb[key], key
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def on_train_start(self, trainer) -> None:
+        self.calls.append(("start", trainer.start_epoch))
+
+    def on_epoch_end(self, trainer, epoch, row) -> None:
+        assert trainer.history[-1] is row
+        self.calls.append(("epoch", epoch))
+
+    def on_evaluated(self, trainer, metrics) -> None:
+        self.calls.append(("evaluated", "test_elbo" in metrics))
+
+    def on_figures(self, trainer, paths) -> None:
+        self.calls.append(("figures", all(p.is_file() for p in paths) and len(paths) > 0))
+
+    def on_train_end(self, trainer) -> None:
+        self.calls.append(("end", None))
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_callbacks_see_every_epoch_the_metrics_and_the_figures(kind, tmp_path):
+    rec = Recorder()
+    KINDS[kind](epochs=2, out=tmp_path / "run", quiet=True, callbacks=[rec])
+    assert rec.calls == [
+        ("start", 0),
+        ("epoch", 1),
+        ("epoch", 2),
+        ("evaluated", True),
+        ("figures", True),
+        ("end", None),
+    ]
+
+
+class Boom(Callback):
+    def __init__(self) -> None:
+        self.ended = False
+
+    def on_epoch_end(self, trainer, epoch, row) -> None:
+        raise RuntimeError("boom")
+
+    def on_train_end(self, trainer) -> None:
+        self.ended = True
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_failing_callback_stops_the_run_and_every_callback_is_closed(kind):
+    boom = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        KINDS[kind](epochs=2, quiet=True, figures=False, callbacks=[boom])
+    assert boom.ended
+
+
+def test_the_kl_weight_applied_is_the_schedule_of_beta_and_warm_up():
+    """The warm-up factor min(1, t / T) times beta, read from the step the model sees."""
+    seen: list[float] = []
+
+    class Spy(Callback):
+        def on_train_start(self, trainer) -> None:
+            kind = trainer.kind
+            inner = kind.loss
+
+            def loss(x):
+                seen.append(kind.vae.kl_scale)
+                return inner(x)
+
+            kind.loss = loss
+            trainer.step_loss = loss
+
+    result = fit(
+        epochs=2,
+        max_train=256,
+        batch_size=128,
+        beta=0.5,
+        warmup_epochs=1.5,
+        log_likelihood_samples=2,
+        quiet=True,
+        figures=False,
+        callbacks=[Spy()],
+    )
+    steps = math.ceil(result.dataset.train_x.shape[0] / 128)  # 2 steps per epoch
+    warmup = 1.5 * steps
+    expected = [0.5 * min(1.0, (t + 1) / warmup) for t in range(2 * steps)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert [h["kl_scale"] for h in result.history] == pytest.approx(
+        [expected[steps - 1], expected[-1]]
+    )
