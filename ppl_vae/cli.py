@@ -78,6 +78,26 @@ def add_network_options(g: Any) -> None:
         )
 
 
+def add_tracker_option(p: Any) -> None:
+    """``--log SPEC`` (repeatable): experiment trackers as training callbacks."""
+    p.add_argument(
+        "--log",
+        action="append",
+        metavar="TRACKER",
+        help="log the run to a tracker, repeatable: tensorboard (events in RUN_DIR/tensorboard), "
+        "tensorboard:DIR, mlflow (a SQLite store in RUN_DIR/mlruns) or mlflow:URI",
+    )
+
+
+def trackers_from_args(args: argparse.Namespace) -> list[Any]:
+    """The callbacks ``--log`` asks for (one-line errors for unknown or missing trackers)."""
+    if not getattr(args, "log", None):
+        return []
+    from .training.trackers import make_tracker
+
+    return [make_tracker(spec) for spec in args.log]
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     from .config import FitConfig
 
@@ -209,11 +229,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 )
         # fit() refuses any option but `epochs` and `device` (one line, exit 2), so a flag
         # given with --resume is never silently ignored.
-        result = fit(out=out, resume=True, quiet=args.quiet, **given)
+        result = fit(
+            out=out, resume=True, quiet=args.quiet, callbacks=trackers_from_args(args), **given
+        )
     else:
         base = FitConfig.load(args.config).to_dict() if args.config else {}
         base.update(given)
-        result = fit(FitConfig.from_dict(base), out=out, overwrite=args.overwrite, quiet=args.quiet)
+        result = fit(
+            FitConfig.from_dict(base),
+            out=out,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            callbacks=trackers_from_args(args),
+        )
     from .distributed import is_main_process
 
     if not is_main_process():  # under torchrun, rank 0 reports
@@ -297,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tracker_option(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood of a run")

@@ -15,7 +15,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .cli import _int_list, _key_values, add_network_options
+from .cli import (
+    _int_list,
+    _key_values,
+    add_network_options,
+    add_tracker_option,
+    trackers_from_args,
+)
 from .models.errors import ConfigError
 
 
@@ -192,6 +198,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tracker_option(p)
     p.set_defaults(func=cmd_ssl)
 
 
@@ -233,7 +240,9 @@ def cmd_ssl(args: argparse.Namespace) -> int:
                 f"given, got {flags}"
             )
         out = Path(args.out)
-        result = fit_ssl(out=out, resume=True, quiet=args.quiet, **given)
+        result = fit_ssl(
+            out=out, resume=True, quiet=args.quiet, callbacks=trackers_from_args(args), **given
+        )
     else:
         base = SSLConfig.load(args.config).to_dict() if args.config else {}
         base.update(given)
@@ -241,7 +250,13 @@ def cmd_ssl(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / time.strftime("ssl-%Y%m%d-%H%M%S")
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
-        result = fit_ssl(cfg, out=out, overwrite=args.overwrite, quiet=args.quiet)
+        result = fit_ssl(
+            cfg,
+            out=out,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            callbacks=trackers_from_args(args),
+        )
     from .distributed import is_main_process
 
     if not is_main_process():  # under torchrun, rank 0 reports

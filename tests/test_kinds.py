@@ -141,3 +141,12 @@ def test_the_kl_weight_applied_is_the_schedule_of_beta_and_warm_up():
     assert [h["kl_scale"] for h in result.history] == pytest.approx(
         [expected[steps - 1], expected[-1]]
     )
+
+
+def test_parameters_the_validation_pass_rejects_are_a_training_error(tmp_path):
+    """One step per epoch and a huge step size: the loss of the step is finite, but the
+    parameters it leaves are not, which the validation pass finds first."""
+    from ppl_vae import TrainingError
+
+    with pytest.raises(TrainingError, match=r"non-finite .* at epoch 1, batch 1 of 1"):
+        fit(epochs=2, max_train=64, lr=1e30, quiet=True, figures=False, out=tmp_path / "run")

@@ -20,6 +20,7 @@ from ..config import ConfigFile, write_text_atomic
 from ..models.errors import ConfigError
 
 __all__ = [
+    "RUN_DIRS",
     "RUN_FILES",
     "config_as_dict",
     "load_resume_state",
@@ -37,6 +38,8 @@ RUN_FILES = (
     ckpt.PREVIOUS,
     ckpt.BEST,
 )
+#: Folders a run writes (figures, and the trackers' default stores), replaced by ``overwrite``.
+RUN_DIRS = ("figures", "tensorboard", "mlruns")
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -65,7 +68,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if existing:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "figures", ignore_errors=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.remove_temporaries(out)
 

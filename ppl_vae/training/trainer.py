@@ -253,7 +253,7 @@ class Trainer:
                 kind.end_steps()
                 row: dict[str, float] = {"epoch": float(epoch + 1)}
                 row.update(kind.train_columns(sums, steps))
-                row.update(ctx.on_main(kind.validate))
+                row.update(self._validate(epoch, steps))
                 row.update(kind.schedule_columns())
                 row["seconds"] = time.perf_counter() - t0
                 self.history.append(row)
@@ -274,6 +274,25 @@ class Trainer:
             self.module.load_state_dict(self.best_state)
         ctx.dump(self.module)
         return self.history
+
+    def _validate(self, epoch: int, steps: int) -> dict[str, float]:
+        """The kind's validation metrics (rank 0 computes, every rank receives them)."""
+        try:
+            return self.ctx.on_main(self.kind.validate)
+        except ValueError as e:
+            # The last step left parameters that the validation pass's distributions reject.
+            if "invalid values" not in str(e):
+                raise
+            raise TrainingError(
+                nonfinite_message(
+                    "non-finite distribution parameters after the last step, in validation",
+                    epoch,
+                    steps - 1,
+                    steps,
+                    self.run_dir,
+                )
+                + f" ({str(e).splitlines()[0]})"
+            ) from None
 
     def _step(self, batch: tuple[Any, ...], epoch: int, b: int, steps: int) -> torch.Tensor:
         """One optimiser step; returns the global batch's ``[loss, *parts]`` (detached)."""
