@@ -11,7 +11,7 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .models.errors import ConfigError
 
@@ -38,6 +38,22 @@ class ConfigFile:
     """
 
     _toml_header = "# ppl-vae configuration"
+    #: The command that trains runs of this config (``fit``, ``ssl``).
+    command: ClassVar[str] = "fit"
+    #: The model kinds this config class describes; the first is the default.
+    kinds: ClassVar[tuple[str, ...]] = ()
+    #: Config class of every kind (filled as subclasses are defined).
+    by_kind: ClassVar[dict[str, type[ConfigFile]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for kind in cls.kinds:
+            ConfigFile.by_kind[kind] = cls
+
+    @property
+    def kind(self) -> str:
+        """The model kind this config trains (recorded as ``kind`` in ``config.toml``)."""
+        return self.kinds[0]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -45,10 +61,18 @@ class ConfigFile:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> Self:
         known = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
+        d = dict(d)
+        kind = d.pop("kind", None)
+        if kind is not None and kind not in cls.kinds:
+            other = ConfigFile.by_kind.get(kind) if isinstance(kind, str) else None
+            hint = f" (`ppl-vae {other.command} --config`)" if other is not None else ""
+            raise ConfigError(
+                f"{source}: a config of model kind {kind!r}{hint}, but `ppl-vae {cls.command}` "
+                f"trains kinds {list(cls.kinds)}"
+            )
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
-        d = dict(d)
         for name, value in d.items():
             hint = known[name]
             if hint.startswith("list") and isinstance(value, tuple):
@@ -61,7 +85,7 @@ class ConfigFile:
             raise ConfigError(f"{source}: {e}") from None
 
     def to_toml(self) -> str:
-        lines = [self._toml_header]
+        lines = [self._toml_header, f"kind = {_toml_value(self.kind)}"]
         for key, value in self.to_dict().items():
             if value is None:
                 lines.append(f"# {key} = (unset)")
@@ -72,23 +96,52 @@ class ConfigFile:
     def save(self, path: str | Path) -> None:
         """Write TOML (``.toml``) or JSON (anything else), atomically."""
         path = Path(path)
-        text = self.to_toml() if path.suffix == ".toml" else json.dumps(self.to_dict(), indent=2)
+        if path.suffix == ".toml":
+            text = self.to_toml()
+        else:
+            text = json.dumps({"kind": self.kind, **self.to_dict()}, indent=2)
         write_text_atomic(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
         """Read a TOML or JSON config file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = path.read_bytes()
-            d = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"could not parse config file {str(path)!r}: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a table of options")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_config_table(path), source=str(path))
+
+
+def read_config_table(path: str | Path) -> dict[str, Any]:
+    """The table of options in a TOML or JSON config file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = path.read_bytes()
+        d = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"could not parse config file {str(path)!r}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a table of options")
+    return d
+
+
+def run_kind(path: str | Path) -> str:
+    """The model kind a config file records (files written before kinds were recorded: ``m2``
+    for an ``ppl-vae ssl`` config, recognised by its header line, else ``vae``)."""
+    d = read_config_table(path)
+    kind = d.get("kind")
+    if kind is None:
+        first = Path(path).read_text(encoding="utf-8").split("\n", 1)[0]
+        kind = "m2" if first.startswith("# ppl-vae ssl configuration") else "vae"
+    if not isinstance(kind, str) or kind not in ConfigFile.by_kind:
+        raise ConfigError(
+            f"config file {str(path)!r} records model kind {kind!r}; known kinds: "
+            f"{sorted(ConfigFile.by_kind)}"
+        )
+    return kind
+
+
+def load_run_config(path: str | Path) -> ConfigFile:
+    """A run's config file, read with the config class of the kind it records."""
+    return ConfigFile.by_kind[run_kind(path)].load(path)
 
 
 @dataclass
@@ -98,6 +151,7 @@ class FitConfig(ConfigFile):
     _toml_header = (
         "# ppl-vae run configuration; `ppl-vae fit --config THIS_FILE` reproduces the run"
     )
+    kinds = ("vae",)
 
     # data
     data: str = "digits"

@@ -137,6 +137,8 @@ class SSLConfig(ConfigFile):
     _toml_header = (
         "# ppl-vae ssl configuration; `ppl-vae ssl --config THIS_FILE` reproduces the run"
     )
+    command = "ssl"
+    kinds = ("m2",)
 
     # data
     data: str = "digits"
