@@ -70,7 +70,7 @@ from .optim import make_adam
 from .scoring import log_weights
 from .training import Callback, Settings, Trainer
 from .training.rundir import load_resume_state, prepare_run_dir, resolve_config
-from .training.setup import prepare_data, resolve_device
+from .training.setup import initialize_from_data, prepare_data, resolve_device
 from .training.trainer import state_copy
 from .vae import build_networks, build_prior_and_likelihood, check_batch_shape
 
@@ -840,6 +840,8 @@ def _fit_ssl(
     dataset = dataset.to(device)
     model.to(device)
     splits = prepare_data(dataset, model, cfg.binarize, cfg.seed)
+    if not resume:
+        initialize_from_data(model, splits[0])
     kind = M2Kind(model, cfg, dataset, splits[:3], labelled, unlabelled, splits[3], device)
     trainer = Trainer(
         kind,

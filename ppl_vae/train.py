@@ -41,7 +41,7 @@ from .training.rundir import (
     resolve_config,
     write_metrics,
 )
-from .training.setup import prepare_data, resolve_device
+from .training.setup import initialize_from_data, prepare_data, resolve_device
 from .training.trainer import history_text, write_history_csv
 from .vae import VAE, build_vae
 
@@ -233,6 +233,8 @@ def _fit(
     dataset = dataset.to(device)
     vae.to(device)
     train_x, val_x, test_x, dynamic = prepare_data(dataset, vae, cfg.binarize, cfg.seed)
+    if not resume:
+        initialize_from_data(vae, train_x)
     kind = VAEKind(vae, elbo, cfg, dataset, (train_x, val_x, test_x), dynamic, device)
     hooks = list(callbacks or [])
     if on_epoch_end is not None:

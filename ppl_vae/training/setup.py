@@ -9,7 +9,7 @@ import torch
 from ..data import Dataset
 from ..models.errors import ConfigError
 
-__all__ = ["prepare_data", "resolve_device"]
+__all__ = ["initialize_from_data", "prepare_data", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,3 +52,17 @@ def prepare_data(
     lik.check_data(val, "validation data")
     lik.check_data(test, "test data")
     return train, val, test, dynamic
+
+
+def initialize_from_data(module: torch.nn.Module, train_x: torch.Tensor) -> None:
+    """Let every component that sets its initial values from the data do so (fresh runs only).
+
+    A component opts in with a method ``initialize_from_data(x)`` (e.g. a likelihood whose
+    learned scale starts at the training data's spread); it is called once, on the training
+    split, before the optimiser sees the parameters. Resumed runs and reopened run directories
+    load their trained values instead and never call it.
+    """
+    for m in module.modules():
+        init = getattr(m, "initialize_from_data", None)
+        if m is not module and callable(init):
+            init(train_x)
