@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 from .models.errors import ConfigError
 
 EXIT_USAGE = 2
+#: ``ppl-vae sample`` on an M2 run: samples per class unless ``-n`` says otherwise.
+SAMPLES_PER_CLASS = 10
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +128,19 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-train", type=int, help="use at most this many training points")
     g = p.add_argument_group("model")
     g.add_argument(
+        "--model",
+        help="your own model/guide pair, 'file.py:Class' or 'package.module:Class': a module "
+        "whose model(x) observes x under pyro.plate('data') and whose guide(x) samples every "
+        "latent site (default: the built-in VAE from the options below); a file is imported, "
+        "i.e. its code runs",
+    )
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="option of --model's constructor, repeatable (data_shape is passed if it takes one)",
+    )
+    g.add_argument(
         "--prior",
         help=f"prior name, 'file.py:Class' or 'package.module:Class' (default {d.prior}); a file is imported, i.e. its code runs",
     )
@@ -199,16 +214,12 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
     given: dict[str, Any] = {}
     for f in fields(FitConfig):
-        if f.name in ("prior_args", "likelihood_args", "encoder_args", "decoder_args"):
+        if f.name.endswith("_args"):
             continue
         v = getattr(args, f.name, None)
         if v is not None:
             given[f.name] = v
-    if args.prior_arg:
-        given["prior_args"] = _key_values(args.prior_arg, "--prior-arg")
-    if args.likelihood_arg:
-        given["likelihood_args"] = _key_values(args.likelihood_arg, "--likelihood-arg")
-    for part in ("encoder", "decoder"):
+    for part in ("model", "prior", "likelihood", "encoder", "decoder"):
         if getattr(args, f"{part}_arg", None):
             given[f"{part}_args"] = _key_values(getattr(args, f"{part}_arg"), f"--{part}-arg")
     return given
@@ -276,28 +287,58 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .figures import _as_images, image_grid
     from .runs import load_run
 
-    if args.n <= 0:
+    if args.n is not None and args.n <= 0:
         raise ConfigError(f"-n must be positive, got {args.n}")
     run = load_run(args.run_dir, device=args.device)
-    pyro.set_rng_seed(args.seed)
-    with torch.no_grad():
-        z, x = run.vae.sample(args.n)
-        if args.draw:
-            x = run.vae.decode(z).sample()
-    out = Path(args.out) if args.out else run.run_dir / f"samples_n{args.n}.npy"
+    m2 = run.kind == "m2"
+    n = args.n if args.n is not None else (SAMPLES_PER_CLASS if m2 else 64)
+    name = f"samples_n{n}_per_class.npy" if m2 else f"samples_n{n}.npy"
+    out = Path(args.out) if args.out else run.run_dir / name
     if out.suffix != ".npy":
         raise ConfigError(f"--out must be a .npy file, got {str(out)!r}")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    what = "draws from p(x|z)" if args.draw else "likelihood mean"
+    pyro.set_rng_seed(args.seed)
+    with torch.no_grad():
+        if m2:
+            # n codes z ~ p(z), each decoded with every class: x[k, j] is class k, style z_j.
+            model = run.model
+            k = model.num_classes
+            z = model.prior().sample((n,))
+            eye = torch.eye(k, dtype=z.dtype, device=z.device)
+            zk, yk = z.expand(k, *z.shape), eye[:, None, :].expand(k, n, k)
+            params = model.decoder(model.prior.embed(zk), yk)
+            lik = model.likelihood(params)
+            x = lik.sample() if args.draw else model.likelihood.mean(params)
+        else:
+            z, x = run.vae.sample(n)
+            if args.draw:
+                x = run.vae.decode(z).sample()
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, x.cpu().numpy())
-    imgs = _as_images(x, run.dataset.image_shape)
-    cols = min(16, args.n)
-    png = image_grid(
-        out.with_suffix(".png"),
-        [imgs[i : i + cols] for i in range(0, args.n, cols)],
-        suptitle=f"{args.n} samples ({'draws from p(x|z)' if args.draw else 'likelihood mean'})",
-    )
+    cols = min(16, n)
+    if m2:
+        names = list(run.dataset.class_names or [str(i) for i in range(k)])
+        rows, titles = [], []
+        for c in range(k):
+            imgs = _as_images(x[c], run.dataset.image_shape)
+            for i in range(0, n, cols):
+                rows.append(imgs[i : i + cols])
+                titles.append(f"class {names[c]}" if i == 0 else "")
+        png = image_grid(
+            out.with_suffix(".png"),
+            rows,
+            titles,
+            suptitle=f"{n} samples per class, z ~ p(z) shared along each column ({what})",
+        )
+    else:
+        imgs = _as_images(x, run.dataset.image_shape)
+        png = image_grid(
+            out.with_suffix(".png"),
+            [imgs[i : i + cols] for i in range(0, n, cols)],
+            suptitle=f"{n} samples ({what})",
+        )
     print(f"wrote {out} ({tuple(x.shape)}) and {png}")
     return 0
 
@@ -328,18 +369,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_tracker_option(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood of a run")
-    p.add_argument("run_dir", help="a run directory written by `ppl-vae fit`")
-    p.add_argument("--log-likelihood-samples", type=int, help="K (default: the run's)")
-    p.add_argument("--test-data", help="score this .npy/.npz file instead of the test split")
+    from .kinds.m2 import LOG_LIKELIHOOD_SAMPLES
+
+    p = sub.add_parser(
+        "evaluate",
+        help="test ELBO and importance-sampled log-likelihood of a run (M2: and accuracy)",
+        description="Evaluate a run directory of any kind on its test split. VAE runs: test ELBO "
+        "and importance-sampled log p(x). M2 runs (`ppl-vae ssl`), with the best-validation "
+        "weights the run evaluated: test accuracy (overall and per class), the unlabelled ELBO "
+        "and log p(x), both with y summed out exactly. Writes RUN_DIR/evaluation.json and "
+        "per-point scores.",
+    )
+    p.add_argument("run_dir", help="a run directory written by `ppl-vae fit` or `ppl-vae ssl`")
+    p.add_argument(
+        "--log-likelihood-samples",
+        type=int,
+        help="importance samples K (default: the run's; M2: K z per class, default "
+        f"{LOG_LIKELIHOOD_SAMPLES})",
+    )
+    p.add_argument(
+        "--test-data",
+        help="score this .npy/.npz file instead of the test split (M2: accuracy if it has "
+        "labels 'y', else log p(x) and ELBO only)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sample", help="draw samples from a trained run's prior and decoder")
-    p.add_argument("run_dir", help="a run directory written by `ppl-vae fit`")
-    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p = sub.add_parser(
+        "sample",
+        help="draw samples from a trained run's prior and decoder",
+        description="Draw z ~ p(z) and decode. VAE runs: N samples, saved as (N, *data_shape). "
+        "M2 runs: N codes z ~ p(z), each decoded with every class y, saved as "
+        "(K, N, *data_shape) (x[k, j]: class k with the style z_j; one row per class in the "
+        ".png).",
+    )
+    p.add_argument("run_dir", help="a run directory written by `ppl-vae fit` or `ppl-vae ssl`")
     p.add_argument(
-        "--out", help="a .npy file (default RUN_DIR/samples_nN.npy; a .png is written beside it)"
+        "-n",
+        type=int,
+        default=None,
+        help=f"number of samples (default 64; M2 runs: per class, default {SAMPLES_PER_CLASS})",
+    )
+    p.add_argument(
+        "--out",
+        help="a .npy file (default RUN_DIR/samples_nN.npy, M2: samples_nN_per_class.npy; a .png "
+        "is written beside it)",
     )
     p.add_argument(
         "--draw",

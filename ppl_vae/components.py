@@ -31,7 +31,7 @@ class Kind:
     """A kind of component: its package and base class."""
 
     name: str
-    package: str
+    package: str | None
     base_module: str
     base_name: str
     skip: tuple[str, ...] = ("base",)
@@ -59,12 +59,16 @@ KINDS: dict[str, Kind] = {
     "decoder": Kind(
         "decoder", "ppl_vae.models.decoders", "ppl_vae.models.decoders.base", "Decoder"
     ),
+    # A user's own model/guide pair (``--model``): no shipped names, any torch module.
+    "model": Kind("model", None, "torch.nn", "Module"),
 }
 
 
 def available(kind: str) -> list[str]:
     """Names of the shipped components of ``kind`` (module names with ``-`` for ``_``)."""
     k = KINDS[kind]
+    if k.package is None:
+        return []
     try:
         pkg = importlib.import_module(k.package)
     except ImportError:
@@ -161,7 +165,7 @@ def spec_of(obj: Any, kind: str) -> str:
     cls = obj if inspect.isclass(obj) else type(obj)
     k = KINDS[kind]
     module = cls.__module__
-    if module.startswith(k.package + "."):
+    if k.package is not None and module.startswith(k.package + "."):
         return module.rsplit(".", 1)[1].replace("_", "-")
     if module.startswith("ppl_vae_user_") or module == "__main__":
         try:

@@ -151,7 +151,7 @@ class FitConfig(ConfigFile):
     _toml_header = (
         "# ppl-vae run configuration; `ppl-vae fit --config THIS_FILE` reproduces the run"
     )
-    kinds = ("vae",)
+    kinds = ("vae", "user")
 
     # data
     data: str = "digits"
@@ -162,7 +162,9 @@ class FitConfig(ConfigFile):
     max_train: int | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.2
-    # model
+    # model: the built-in VAE's components, or a user's own model/guide pair (kind "user")
+    model: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
     prior: str = "gaussian"
     prior_args: dict[str, Any] = field(default_factory=dict)
     likelihood: str = "bernoulli"
@@ -194,6 +196,11 @@ class FitConfig(ConfigFile):
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def kind(self) -> str:
+        """``"user"`` when ``model`` names a user's model/guide pair, else ``"vae"``."""
+        return "user" if self.model is not None else "vae"
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> None:

@@ -67,7 +67,8 @@ def score(
     """Per-point ELBO and importance-sampled log-likelihood of ``x`` under a trained VAE.
 
     Args:
-        vae: an object with ``model(x)`` / ``guide(x)`` Pyro programs and ``kl_scale``.
+        vae: a module with ``model(x)`` / ``guide(x)`` Pyro programs (a ``kl_scale`` attribute,
+            if it has one, is set to 1 while scoring).
         x: data ``(N, *data_shape)``.
         num_samples: K importance samples per point.
         chunk_size: particles drawn at once (memory is bounded by ``chunk_size * batch_size``).
@@ -78,9 +79,10 @@ def score(
             f"`num_samples` and `chunk_size` must be positive, got {num_samples}, {chunk_size}"
         )
     was_training = vae.training
-    old_scale = vae.kl_scale
+    old_scale = getattr(vae, "kl_scale", None)
     vae.eval()
-    vae.kl_scale = 1.0
+    if old_scale is not None:
+        vae.kl_scale = 1.0
     elbos, lls = [], []
     try:
         for start in range(0, x.shape[0], batch_size):
@@ -97,7 +99,8 @@ def score(
             elbos.append(run_sum / num_samples)
             lls.append(run_lse - math.log(num_samples))
     finally:
-        vae.kl_scale = old_scale
+        if old_scale is not None:
+            vae.kl_scale = old_scale
         vae.train(was_training)
     return Scores(torch.cat(elbos), torch.cat(lls), num_samples)
 

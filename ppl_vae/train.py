@@ -26,10 +26,12 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
+from .components import build as build_component
 from .components import recorded_options, spec_of
 from .config import FitConfig
 from .data import Dataset, load_data
 from .estimators import make_elbo
+from .kinds.user import UserKind
 from .kinds.vae import FitResult, VAEKind
 from .models.errors import ConfigError
 from .training import Callback, EpochFunction, Settings, Trainer, TrainingError
@@ -107,6 +109,59 @@ def build_config_vae(
     )
 
 
+#: FitConfig fields that describe the built-in VAE; a user's model defines its own.
+VAE_FIELDS = (
+    "prior",
+    "prior_args",
+    "likelihood",
+    "likelihood_args",
+    "latent_dim",
+    "hidden_dims",
+    "network",
+    "encoder",
+    "encoder_args",
+    "decoder",
+    "decoder_args",
+)
+
+
+def build_config_model(cfg: FitConfig, dataset: Dataset, model: Any = None) -> torch.nn.Module:
+    """A user's model/guide pair from ``cfg.model`` (or ``model``, a class or an instance),
+    built with ``cfg.model_args`` plus ``data_shape`` if its constructor takes it."""
+    spec = model if model is not None else cfg.model
+    args = {} if isinstance(model, torch.nn.Module) else dict(cfg.model_args)
+    return build_component(spec, "model", {"data_shape": dataset.data_shape}, args)
+
+
+def _check_user_config(cfg: FitConfig, prior: Any, likelihood: Any) -> None:
+    """With ``model`` set, options of the built-in VAE would be silently unused: refuse them."""
+    default = FitConfig()
+    given = [f for f in VAE_FIELDS if getattr(cfg, f) != getattr(default, f)]
+    if prior is not None or likelihood is not None:
+        given += [n for n, v in (("prior", prior), ("likelihood", likelihood)) if v is not None]
+    if given:
+        raise ConfigError(
+            f"`model` {cfg.model!r} is a model/guide pair of its own, so the built-in VAE's "
+            f"options {sorted(set(given))} do not apply; pass its options as model_args "
+            "(--model-arg KEY=VALUE)"
+        )
+
+
+def _config_with_model(cfg: FitConfig, model: Any, strict: bool) -> FitConfig:
+    """Record a model class or instance given to :func:`fit` (an instance: its options too)."""
+    d = cfg.to_dict()
+    d["model"] = spec_of(model, "model")
+    if isinstance(model, torch.nn.Module):
+        if cfg.model_args:
+            raise ConfigError("`model_args` given with a model instance")
+        try:
+            d["model_args"] = recorded_options(model, "model", ("data_shape",))
+        except ConfigError:
+            if strict:
+                raise
+    return FitConfig.from_dict(d)
+
+
 def _config_with_objects(cfg: FitConfig, prior: Any, likelihood: Any, strict: bool) -> FitConfig:
     """Record the component classes and instances given to :func:`fit` in the config.
 
@@ -178,6 +233,8 @@ def fit(
         >>> result.metrics["test_log_likelihood"] >= result.metrics["test_elbo"]  # doctest: +SKIP
         True
     """
+    model = options.get("model")
+    model_obj = None if model is None or isinstance(model, str) else options.pop("model")
     if isinstance(prior, str):
         options["prior"], prior = prior, None
     if isinstance(likelihood, str):
@@ -198,6 +255,7 @@ def fit(
                 figures,
                 on_epoch_end,
                 callbacks,
+                model_obj,
                 options,
             )
         finally:
@@ -217,25 +275,38 @@ def _fit(
     figures: bool,
     on_epoch_end: Callable[[int, VAE, list[dict[str, float]]], None] | None,
     callbacks: list[Callback] | None,
+    model_obj: Any,
     options: dict[str, Any],
 ) -> FitResult:
     run_dir = Path(out) if out is not None else None
     cfg = resolve_config(FitConfig, ctx, config, options, run_dir, resume)
     if not resume:
         cfg = _config_with_objects(cfg, prior, likelihood, strict=run_dir is not None)
+        if model_obj is not None:
+            cfg = _config_with_model(cfg, model_obj, strict=run_dir is not None)
+    user = cfg.kind == "user"
+    if user:
+        _check_user_config(cfg, prior, likelihood)
 
     device = ctx.device(cfg.device) if ctx.enabled else resolve_device(cfg.device)
     pyro.set_rng_seed(cfg.seed)
     if dataset is None:
         dataset = load_config_data(cfg)
-    vae = build_config_vae(cfg, dataset, prior=prior, likelihood=likelihood)
-    elbo = make_elbo(cfg.estimator, cfg.num_particles, cfg.vectorize_particles, max_plate_nesting=1)
+    if user:
+        vae = build_config_model(cfg, dataset, model_obj)
+    else:
+        vae = build_config_vae(cfg, dataset, prior=prior, likelihood=likelihood)
+    nesting = int(getattr(vae, "max_plate_nesting", 1))
+    elbo = make_elbo(
+        cfg.estimator, cfg.num_particles, cfg.vectorize_particles, max_plate_nesting=nesting
+    )
     dataset = dataset.to(device)
     vae.to(device)
     train_x, val_x, test_x, dynamic = prepare_data(dataset, vae, cfg.binarize, cfg.seed)
     if not resume:
         initialize_from_data(vae, train_x)
-    kind = VAEKind(vae, elbo, cfg, dataset, (train_x, val_x, test_x), dynamic, device)
+    make_kind = UserKind if user else VAEKind
+    kind = make_kind(vae, elbo, cfg, dataset, (train_x, val_x, test_x), dynamic, device)
     hooks = list(callbacks or [])
     if on_epoch_end is not None:
         hooks.insert(0, EpochFunction(on_epoch_end))

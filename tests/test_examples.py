@@ -16,6 +16,7 @@ EXAMPLES: dict[str, list[str]] = {
     "compare_estimators.py": ["--smoke"],
     "new_likelihood.py": ["--smoke"],
     "new_prior.py": ["--smoke"],
+    "own_model.py": ["--smoke"],
     "svhn_semisupervised.py": ["--smoke"],
 }
 

@@ -6,6 +6,7 @@ A new kind is tested by adding one entry to ``KINDS``: how to start a small run 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +15,14 @@ from ppl_vae import fit, fit_ssl
 from ppl_vae.checkpoint import load_checkpoint
 from ppl_vae.training import Callback
 
+USER_MODEL = f"{Path(__file__).resolve().parents[1] / 'examples' / 'own_model.py'}:TwoLayerVAE"
 SMALL = {
     "vae": (fit, dict(max_train=200, log_likelihood_samples=4)),
     "m2": (fit_ssl, dict(labels=20, max_train=300, elbo_samples=2)),
+    "user": (
+        fit,
+        dict(model=USER_MODEL, binarize="dynamic", max_train=200, log_likelihood_samples=4),
+    ),
 }
 
 

@@ -43,6 +43,11 @@ class FitResult:
     run_dir: Path | None = None
     test_scores: Scores | None = None
 
+    @property
+    def model(self) -> Any:
+        """The trained module: the VAE, or a user's own model/guide pair (``--model``)."""
+        return self.vae
+
 
 class VAEKind(ModelKind):
     """The VAE as a model kind.

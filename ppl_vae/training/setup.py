@@ -28,8 +28,15 @@ def is_binary(x: torch.Tensor) -> bool:
 def prepare_data(
     ds: Dataset, vae: Any, binarize: str, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Resolve ``auto`` binarisation and check every split against the likelihood's support."""
-    lik = vae.likelihood
+    """Resolve ``auto`` binarisation and check every split against the likelihood's support.
+
+    A module without a ``likelihood`` attribute (a user's own pair) is binarised only when asked
+    (``binarize="dynamic"``; ``auto`` leaves its data as they are), and checked by its
+    ``check_input`` if it has one.
+    """
+    lik = getattr(vae, "likelihood", None)
+    if lik is None:
+        return _prepare_plain(ds, vae, binarize, seed)
     needs_binary = lik.support is torch.distributions.constraints.boolean
     dynamic = binarize == "dynamic" or (
         binarize == "auto" and needs_binary and not is_binary(ds.train_x)
@@ -51,6 +58,27 @@ def prepare_data(
         lik.check_data(train, "training data")
     lik.check_data(val, "validation data")
     lik.check_data(test, "test data")
+    return train, val, test, dynamic
+
+
+def _prepare_plain(
+    ds: Dataset, module: Any, binarize: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    train, val, test = ds.train_x, ds.val_x, ds.test_x
+    check = getattr(module, "check_input", None)
+    for x in (train, val, test):
+        if callable(check):
+            check(x)
+    dynamic = binarize == "dynamic"
+    if dynamic:
+        if not bool(((train >= 0) & (train <= 1)).all()):
+            raise ConfigError(
+                "dynamic binarisation needs data in [0, 1], got values in "
+                f"[{float(train.min()):.4g}, {float(train.max()):.4g}]"
+            )
+        g = torch.Generator().manual_seed(seed + 1)
+        val = torch.bernoulli(val.cpu(), generator=g).to(val.device)
+        test = torch.bernoulli(test.cpu(), generator=g).to(test.device)
     return train, val, test, dynamic
 
 

@@ -301,9 +301,19 @@ class Trainer:
         try:
             loss = self.step_loss(*batch)
         except ValueError as e:
+            text = str(e)
+            if "Expected value argument" in text:
+                # The data, not the parameters: a value outside a site's support.
+                site = text.splitlines()[0].rstrip(":")
+                detail = next(ln for ln in text.splitlines() if "Expected value argument" in ln)
+                raise ConfigError(
+                    f"{site}: the data are outside the support of the model's distribution "
+                    f"({detail.strip()[:160]}); binarise them (--binarize dynamic or static) or "
+                    "choose a likelihood for this data"
+                ) from None
             # Distribution validation rejects NaN/inf parameters before the loss is formed:
             # the same fault as a non-finite loss, reported the same way.
-            if "invalid values" not in str(e):
+            if "invalid values" not in text:
                 raise
             raise TrainingError(
                 nonfinite_message(
