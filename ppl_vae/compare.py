@@ -72,6 +72,7 @@ import pyro
 import pyro.util
 import torch
 from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
 
 from .config import FitConfig, write_text_atomic
 from .data import Dataset
@@ -81,6 +82,7 @@ from .optim import make_adam
 from .scoring import log_weights, mean_elbo
 from .train import (
     TrainingError,
+    build_config_model,
     build_config_vae,
     config_as_dict,
     fit,
@@ -225,10 +227,33 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def _network_groups(vae: VAE) -> dict[str, list[torch.Tensor]]:
+def network_groups(module: torch.nn.Module, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """The probe's two parameter groups: the inference side and the generative side.
+
+    A module with ``encoder`` and ``decoder`` (the built-in VAE) gives theirs. For any other
+    model/guide pair (``--model``) the ``"encoder"`` group is every parameter the guide's
+    log-density of its own draws depends on (on the batch ``x``), the ``"decoder"`` group the
+    remaining ones (the model's).
+    """
+    encoder, decoder = getattr(module, "encoder", None), getattr(module, "decoder", None)
+    if isinstance(encoder, torch.nn.Module) and isinstance(decoder, torch.nn.Module):
+        return {
+            "encoder": [p for p in encoder.parameters() if p.requires_grad],
+            "decoder": [p for p in decoder.parameters() if p.requires_grad],
+        }
+    params = [p for p in module.parameters() if p.requires_grad]
+    with preserved_rng():
+        guide_tr = poutine.trace(module.guide).get_trace(x)
+    log_q = sum(
+        s["fn"].log_prob(s["value"]).sum()
+        for s in guide_tr.nodes.values()
+        if s["type"] == "sample" and not s["is_observed"]
+    )
+    grads = torch.autograd.grad(log_q, params, allow_unused=True) if params else []
+    used = {id(p) for p, g in zip(params, grads) if g is not None}
     return {
-        "encoder": [p for p in vae.encoder.parameters() if p.requires_grad],
-        "decoder": [p for p in vae.decoder.parameters() if p.requires_grad],
+        "encoder": [p for p in params if id(p) in used],
+        "decoder": [p for p in params if id(p) not in used],
     }
 
 
@@ -264,18 +289,20 @@ class _GradientProbe:
         t0 = time.perf_counter()
         x = self.batch.to(next(vae.parameters()).device)
         buffers = {name: b.detach().clone() for name, b in vae.named_buffers()}
-        old_scale = vae.kl_scale
-        vae.kl_scale = 1.0
+        old_scale = getattr(vae, "kl_scale", None)
+        if old_scale is not None:
+            vae.kl_scale = 1.0
         try:
             with preserved_rng():
                 pyro.set_rng_seed(self.seed * 100_003 + epoch)
                 stats = gradient_statistics(
                     lambda: self.elbo.differentiable_loss(vae.model, vae.guide, x),
-                    _network_groups(vae),
+                    network_groups(vae, x),
                     self.repeats,
                 )
         finally:
-            vae.kl_scale = old_scale
+            if old_scale is not None:
+                vae.kl_scale = old_scale
             with torch.no_grad():
                 for name, b in vae.named_buffers():
                     b.copy_(buffers[name])
@@ -307,6 +334,8 @@ def _build_like_fit(cfg: FitConfig, dataset: Dataset) -> VAE:
     a test checks that this reproduces ``fit``'s initial weights.
     """
     pyro.set_rng_seed(cfg.seed)
+    if cfg.kind == "user":
+        return build_config_model(cfg, dataset)
     return build_config_vae(cfg, dataset)
 
 
@@ -338,9 +367,12 @@ def _importance_log_weights(vae: VAE, x: torch.Tensor, samples: int, chunk: int)
 
 
 @torch.no_grad()
-def _posterior_draws(vae: VAE, x: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``draws`` samples :math:`z \sim q(z \mid x)` ``(draws, N, D)`` and their log weights
-    :math:`\log p(x, z) - \log q(z \mid x)` ``(draws, N)`` (unscaled)."""
+def _posterior_draws(
+    vae: VAE, x: torch.Tensor, draws: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    r"""``draws`` samples of every latent site :math:`z_s \sim q(z \mid x)`, each
+    ``(draws, N, D_s)``, and their log weights :math:`\log p(x, z) - \log q(z \mid x)`
+    ``(draws, N)`` (unscaled)."""
     with pyro.plate("_posterior_draws", draws, dim=-2):
         guide_tr = poutine.trace(vae.guide).get_trace(x)
         model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)
@@ -350,8 +382,12 @@ def _posterior_draws(vae: VAE, x: torch.Tensor, draws: int) -> tuple[torch.Tenso
         for site in tr.nodes.values():
             if site["type"] == "sample" and not site["name"].startswith("_posterior"):
                 lw = lw + sign * site["fn"].log_prob(site["value"]).expand(shape)
-    z = guide_tr.nodes["z"]["value"]
-    return z.reshape(draws, x.shape[0], -1), lw
+    z = {
+        name: site["value"].reshape(draws, x.shape[0], -1)
+        for name, site in prune_subsample_sites(guide_tr).nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+    return z, lw
 
 
 def _warm_up(cfg: FitConfig, dataset: Dataset, x: torch.Tensor) -> None:
@@ -407,7 +443,7 @@ class RunRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     gradients: dict[int, dict[str, float]] = field(default_factory=dict)
     khat_log_weights: np.ndarray | None = None  # (khat_points, khat_samples)
-    posterior_z: np.ndarray | None = None  # (draws, points, D)
+    posterior_z: dict[str, np.ndarray] | None = None  # latent site -> (draws, points, D_s)
     posterior_log_weights: np.ndarray | None = None  # (draws, points)
     posterior_x: np.ndarray | None = None  # (points, *data_shape)
     posterior_index: tuple[int, ...] = ()
@@ -474,7 +510,8 @@ def _run_one(job: _Job) -> RunRecord:
     vae = result.vae
     was_training = vae.training
     vae.eval()
-    vae.kl_scale = 1.0
+    if hasattr(vae, "kl_scale"):
+        vae.kl_scale = 1.0
     with pyro.settings.context(module_local_params=True), preserved_rng():
         pyro.set_rng_seed(cfg.seed + 7919)
         _, _, test_x, _ = prepare_data(result.dataset, vae, cfg.binarize, cfg.seed)
@@ -486,7 +523,7 @@ def _run_one(job: _Job) -> RunRecord:
             idx = [i for i in job.posterior_index if i < test_x.shape[0]]
             xp = test_x[idx]
             z, plw = _posterior_draws(vae, xp, job.posterior_draws)
-            record.posterior_z = z.double().cpu().numpy()
+            record.posterior_z = {k: v.double().cpu().numpy() for k, v in z.items()}
             record.posterior_log_weights = plw.double().cpu().numpy()
             record.posterior_x = xp.cpu().numpy()
             record.posterior_index = tuple(idx)
@@ -1190,19 +1227,22 @@ def _write_posteriors(res: CompareResult) -> list[Path]:
     for r in res.runs:
         if r.posterior_z is None or r.run_dir is None:
             continue
-        _, points, dim = r.posterior_z.shape
+        sites = r.posterior_z
+        points = next(iter(sites.values())).shape[1]
         x = r.posterior_x.reshape(points, -1) if r.posterior_x is not None else None
+        # one latent-dimension coordinate per site: "latent_dim" for the VAE's z, else "<site>_dim"
+        dim_name = {name: "latent_dim" if name == "z" else f"{name}_dim" for name in sites}
         data = az.from_dict(
-            posterior={"z": r.posterior_z[None]},
+            posterior={name: v[None] for name, v in sites.items()},
             sample_stats={"log_weight": r.posterior_log_weights[None]},
             observed_data={"x": x} if x is not None else None,
             coords={
                 "test_point": list(r.posterior_index),
-                "latent_dim": list(range(dim)),
+                **{dim_name[n]: list(range(v.shape[2])) for n, v in sites.items()},
                 "pixel": list(range(x.shape[1])) if x is not None else [],
             },
             dims={
-                "z": ["test_point", "latent_dim"],
+                **{n: ["test_point", dim_name[n]] for n in sites},
                 "log_weight": ["test_point"],
                 "x": ["test_point", "pixel"],
             },
