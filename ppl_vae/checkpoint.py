@@ -190,6 +190,49 @@ def describe_load_error(e: BaseException) -> str:
     return details[0] + more
 
 
+def architecture(module: Any) -> str:
+    """The module's printout (layers, their sizes and activations): what a checkpoint was
+    written by, beyond the parameter shapes its state dict shows."""
+    return repr(module)
+
+
+def load_model_state(module: Any, state: dict[str, Any], where: str) -> None:
+    """Load ``state["model"]`` into ``module``, refusing another architecture in one line.
+
+    The state dict's keys and shapes must match, and so must the module printout the checkpoint
+    recorded (checkpoints written before it was recorded are checked by shapes alone): a softplus
+    network whose weights were saved is never loaded silently into a ReLU one.
+    """
+    recorded = state.get("architecture")
+    if isinstance(recorded, str):
+        built = architecture(module)
+        if built != recorded:
+            diff = next(
+                (
+                    (i + 1, a.strip(), b.strip())
+                    for i, (a, b) in enumerate(zip(recorded.splitlines(), built.splitlines()))
+                    if a != b
+                ),
+                None,
+            )
+            detail = (
+                f"line {diff[0]} of the module printout: checkpoint {diff[1]!r}, now {diff[2]!r}"
+                if diff
+                else "the module printouts differ in length"
+            )
+            raise ConfigError(
+                f"checkpoint in {where} was written by another architecture than the one its "
+                f"config builds now ({detail}); was a component file changed?"
+            )
+    try:
+        module.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(
+            f"checkpoint in {where} does not match the model its config builds: "
+            f"{describe_load_error(e)}"
+        ) from None
+
+
 def _first_line(e: BaseException | str) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""

@@ -156,3 +156,18 @@ def test_parameters_the_validation_pass_rejects_are_a_training_error(tmp_path):
 
     with pytest.raises(TrainingError, match=r"non-finite .* at epoch 1, batch 1 of 1"):
         fit(epochs=2, max_train=64, lr=1e30, quiet=True, figures=False, out=tmp_path / "run")
+
+
+def test_weights_are_never_loaded_into_another_architecture(tmp_path):
+    """Same parameter shapes, other activation: the checkpoint's module printout refuses it."""
+    from ppl_vae import ConfigError
+
+    run = tmp_path / "run"
+    fit(epochs=1, max_train=128, log_likelihood_samples=2, quiet=True, figures=False, out=run,
+        encoder_args={"activation": "softplus"})  # fmt: skip
+    toml = run / "config.toml"
+    text = toml.read_text()
+    assert '"activation" = "softplus"' in text
+    toml.write_text(text.replace('"activation" = "softplus"', '"activation" = "relu"'))
+    with pytest.raises(ConfigError, match=r"another architecture .*Softplus\(.*ReLU\(\)"):
+        fit(epochs=2, out=run, resume=True, quiet=True, figures=False)

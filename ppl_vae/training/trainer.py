@@ -133,8 +133,8 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`checkpoint_state`."""
+        ckpt.load_model_state(self.module, state, repr(str(self.run_dir)))
         try:
-            self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.kind.restore_best:
                 self.best_state = {k: v.to(self.device) for k, v in state["best_model"].items()}
@@ -162,6 +162,7 @@ class Trainer:
             **self.kind.batch_state(),
             "config": self.config,
             "kind": self.kind.name,
+            "architecture": ckpt.architecture(self.module),
             "best_epoch": self.best_epoch,
             f"best_{self.kind.monitor}": self.best_value,
         }
