@@ -80,6 +80,21 @@ def add_network_options(g: Any) -> None:
         )
 
 
+def add_schedule_options(g: Any) -> None:
+    """``--lr-schedule NAME`` and ``--lr-schedule-arg KEY=VALUE`` (fit and ssl)."""
+    g.add_argument(
+        "--lr-schedule",
+        help="learning-rate schedule, a torch.optim.lr_scheduler class stepped once per epoch "
+        "(e.g. CosineAnnealingLR, StepLR, ReduceLROnPlateau on the validation metric)",
+    )
+    g.add_argument(
+        "--lr-schedule-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="option of the schedule, repeatable (e.g. T_max=50, step_size=10, gamma=0.5)",
+    )
+
+
 def add_tracker_option(p: Any) -> None:
     """``--log SPEC`` (repeatable): experiment trackers as training callbacks."""
     p.add_argument(
@@ -190,6 +205,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="linear KL warm-up from 0 to beta over this many epochs (default 0)",
     )
     g.add_argument("--clip-norm", type=float, help="clip the gradient norm (default off)")
+    add_schedule_options(g)
     g = p.add_argument_group("evaluation and execution")
     g.add_argument(
         "--log-likelihood-samples",
@@ -219,9 +235,10 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, f.name, None)
         if v is not None:
             given[f.name] = v
-    for part in ("model", "prior", "likelihood", "encoder", "decoder"):
+    for part in ("model", "prior", "likelihood", "encoder", "decoder", "lr_schedule"):
         if getattr(args, f"{part}_arg", None):
-            given[f"{part}_args"] = _key_values(getattr(args, f"{part}_arg"), f"--{part}-arg")
+            flag = f"--{part.replace('_', '-')}-arg"
+            given[f"{part}_args"] = _key_values(getattr(args, f"{part}_arg"), flag)
     return given
 
 
@@ -303,14 +320,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with torch.no_grad():
         if m2:
             # n codes z ~ p(z), each decoded with every class: x[k, j] is class k, style z_j.
-            model = run.model
-            k = model.num_classes
-            z = model.prior().sample((n,))
-            eye = torch.eye(k, dtype=z.dtype, device=z.device)
-            zk, yk = z.expand(k, *z.shape), eye[:, None, :].expand(k, n, k)
-            params = model.decoder(model.prior.embed(zk), yk)
-            lik = model.likelihood(params)
-            x = lik.sample() if args.draw else model.likelihood.mean(params)
+            z, x = run.model.sample_per_class(n, draw=args.draw)
         else:
             z, x = run.vae.sample(n)
             if args.draw:
@@ -319,9 +329,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     np.save(out, x.cpu().numpy())
     cols = min(16, n)
     if m2:
-        names = list(run.dataset.class_names or [str(i) for i in range(k)])
+        names = list(run.dataset.class_names or [str(i) for i in range(len(x))])
         rows, titles = [], []
-        for c in range(k):
+        for c in range(len(x)):
             imgs = _as_images(x[c], run.dataset.image_shape)
             for i in range(0, n, cols):
                 rows.append(imgs[i : i + cols])

@@ -145,26 +145,23 @@ def load_run_config(path: str | Path) -> ConfigFile:
 
 
 @dataclass
-class FitConfig(ConfigFile):
-    """Everything that defines a training run. Every field has a default (digits, Gaussian VAE)."""
+class RunConfig(ConfigFile):
+    """The options every training command shares, declared and validated once.
 
-    _toml_header = (
-        "# ppl-vae run configuration; `ppl-vae fit --config THIS_FILE` reproduces the run"
-    )
-    kinds = ("vae", "user")
+    :class:`FitConfig` (``ppl-vae fit``: the VAE or a user's pair) and
+    :class:`~ppl_vae.ssl.SSLConfig` (``ppl-vae ssl``: M2) add their own fields and may change a
+    shared field's default.
+    """
 
     # data
     data: str = "digits"
-    test_data: str | None = None
     data_root: str | None = None
     download: bool = False
     binarize: str = "auto"
     max_train: int | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.2
-    # model: the built-in VAE's components, or a user's own model/guide pair (kind "user")
-    model: str | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
+    # model components (the built-in models)
     prior: str = "gaussian"
     prior_args: dict[str, Any] = field(default_factory=dict)
     likelihood: str = "bernoulli"
@@ -172,24 +169,18 @@ class FitConfig(ConfigFile):
     latent_dim: int = 10
     hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
     network: str = "auto"
-    encoder: str | None = None  # None: the network `network` picks
+    encoder: str | None = None
     encoder_args: dict[str, Any] = field(default_factory=dict)
-    decoder: str | None = None  # None: the network `network` picks
+    decoder: str | None = None
     decoder_args: dict[str, Any] = field(default_factory=dict)
-    # objective and optimisation
-    estimator: str = "trace"
+    # optimisation
     num_particles: int = 1
-    vectorize_particles: bool | None = None  # None: the estimator's default (iwae/dreg: yes)
     epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-3
-    beta: float = 1.0
-    warmup_epochs: float = 0.0
+    lr_schedule: str | None = None  # a torch.optim.lr_scheduler class, stepped once per epoch
+    lr_schedule_args: dict[str, Any] = field(default_factory=dict)
     clip_norm: float | None = None
-    # evaluation
-    log_likelihood_samples: int = 1000
-    log_likelihood_chunk: int = 100
-    figure_draws: bool = False  # figures show draws x ~ p(x|z) instead of E[x|z]
     # execution
     device: str = "auto"
     seed: int = 0
@@ -197,24 +188,15 @@ class FitConfig(ConfigFile):
     def __post_init__(self) -> None:
         self.validate()
 
-    @property
-    def kind(self) -> str:
-        """``"user"`` when ``model`` names a user's model/guide pair, else ``"vae"``."""
-        return "user" if self.model is not None else "vae"
-
-    # -- validation --------------------------------------------------------------------------
     def validate(self) -> None:
         """Check types and ranges; raise :class:`ConfigError` naming the field and the value."""
-        hints = {f.name: f.type for f in fields(self)}
-        for name in hints:
-            value = getattr(self, name)
-            _check_type(name, value, str(hints[name]))
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), str(f.type))
         if self.binarize not in BINARIZE:
             raise ConfigError(f"`binarize` must be one of {list(BINARIZE)}, got {self.binarize!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"`device` must be one of {list(DEVICES)}, got {self.device!r}")
-        _positive(self, "latent_dim", "num_particles", "epochs", "batch_size")
-        _positive(self, "log_likelihood_samples", "log_likelihood_chunk", "lr")
+        _positive(self, "latent_dim", "num_particles", "epochs", "batch_size", "lr")
         if not self.lr <= FLOAT32_MAX:
             raise ConfigError(f"`lr` must be a finite number > 0, got {self.lr}")
         if not 0 <= self.seed < 2**32:
@@ -223,13 +205,51 @@ class FitConfig(ConfigFile):
             raise ConfigError(f"`max_train` must be positive, got {self.max_train}")
         if any(h <= 0 for h in self.hidden_dims):
             raise ConfigError(f"`hidden_dims` must be positive integers, got {self.hidden_dims}")
+        # inf is allowed: the norm is measured, nothing is clipped
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"`clip_norm` must be positive, got {self.clip_norm}")
+        _check_split_fractions(self.val_fraction, self.test_fraction)
+
+
+@dataclass
+class FitConfig(RunConfig):
+    """Everything that defines a ``ppl-vae fit`` run: the shared options of :class:`RunConfig`
+    plus the test file, a user's own model, the estimator, the KL schedule and evaluation.
+    Every field has a default (digits, Gaussian VAE)."""
+
+    _toml_header = (
+        "# ppl-vae run configuration; `ppl-vae fit --config THIS_FILE` reproduces the run"
+    )
+    kinds = ("vae", "user")
+
+    # data
+    test_data: str | None = None
+    # model: a user's own model/guide pair (kind "user") instead of the built-in VAE
+    model: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    # objective
+    estimator: str = "trace"
+    vectorize_particles: bool | None = None  # None: the estimator's default (iwae/dreg: yes)
+    beta: float = 1.0
+    warmup_epochs: float = 0.0
+    # evaluation
+    log_likelihood_samples: int = 1000
+    log_likelihood_chunk: int = 100
+    figure_draws: bool = False  # figures show draws x ~ p(x|z) instead of E[x|z]
+
+    @property
+    def kind(self) -> str:
+        """``"user"`` when ``model`` names a user's model/guide pair, else ``"vae"``."""
+        return "user" if self.model is not None else "vae"
+
+    def validate(self) -> None:
+        """Check types and ranges; raise :class:`ConfigError` naming the field and the value."""
+        super().validate()
+        _positive(self, "log_likelihood_samples", "log_likelihood_chunk")
         if not 0 < self.beta <= FLOAT32_MAX:
             raise ConfigError(f"`beta` must be a finite number > 0, got {self.beta}")
         if not 0 <= self.warmup_epochs <= FLOAT32_MAX:
             raise ConfigError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ConfigError(f"`clip_norm` must be positive, got {self.clip_norm}")
-        _check_split_fractions(self.val_fraction, self.test_fraction)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -296,7 +316,7 @@ def _check_split_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
-def _positive(cfg: FitConfig, *names: str) -> None:
+def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         v = getattr(cfg, name)
         if not v > 0:

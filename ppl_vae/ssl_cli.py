@@ -19,6 +19,7 @@ from .cli import (
     _int_list,
     _key_values,
     add_network_options,
+    add_schedule_options,
     add_tracker_option,
     trackers_from_args,
 )
@@ -156,6 +157,7 @@ def register(subparsers: Any) -> None:
     )
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--clip-norm", type=float, help="clip the gradient norm (default off)")
+    add_schedule_options(g)
     g = p.add_argument_group("evaluation and execution")
     g.add_argument(
         "--elbo-samples",
@@ -213,7 +215,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, f.name, None)
         if v is not None:
             given[f.name] = v
-    for name in ("prior", "likelihood", "label_guide", "encoder", "decoder"):
+    for name in ("prior", "likelihood", "label_guide", "encoder", "decoder", "lr_schedule"):
         items = getattr(args, f"{name}_arg", None)
         if items:
             given[f"{name}_args"] = _key_values(items, f"--{name.replace('_', '-')}-arg")

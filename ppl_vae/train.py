@@ -319,6 +319,8 @@ def _fit(
             warmup_epochs=cfg.warmup_epochs,
             clip_norm=cfg.clip_norm,
             seed=cfg.seed,
+            lr_schedule=cfg.lr_schedule,
+            lr_schedule_args=cfg.lr_schedule_args,
         ),
         ctx=ctx,
         device=device,

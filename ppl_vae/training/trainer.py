@@ -21,10 +21,11 @@ The trainer knows no kind by name. It owns what every run shares:
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,50 @@ class Settings:
     warmup_epochs: float = 0.0
     clip_norm: float | None = None
     seed: int = 0
+    lr_schedule: str | None = None
+    lr_schedule_args: dict[str, Any] = field(default_factory=dict)
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, name: str | None, args: dict[str, Any]
+) -> Any:
+    """A :mod:`torch.optim.lr_scheduler` class by name, stepped once per epoch (None: none).
+
+    ``ReduceLROnPlateau`` is stepped with the kind's validation metric, which is larger-is-better,
+    so its ``mode`` defaults to ``"max"`` here.
+    """
+    if name is None:
+        return None
+    from torch.optim import lr_scheduler
+
+    # Schedules that take functions or other schedulers cannot come from a config file.
+    excluded = {"LRScheduler", "ChainedScheduler", "SequentialLR", "LambdaLR", "MultiplicativeLR"}
+    choices = sorted(
+        n
+        for n, c in vars(lr_scheduler).items()
+        if inspect.isclass(c)
+        and issubclass(c, (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau))
+        and not n.startswith("_")
+        and n not in excluded
+    )
+    cls = getattr(lr_scheduler, name, None) if name in choices else None
+    if cls is None:
+        raise ConfigError(
+            f"Unknown lr_schedule {name!r}; expected a torch.optim.lr_scheduler class, one of "
+            f"{choices}"
+        )
+    kwargs = dict(args)
+    if cls is lr_scheduler.ReduceLROnPlateau:
+        kwargs.setdefault("mode", "max")
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(k for k in kwargs if k not in params or k in ("self", "optimizer"))
+    if unknown:
+        accepted = [n for n in params if n not in ("self", "optimizer", "verbose")]
+        raise ConfigError(f"lr_schedule {name} has no option(s) {unknown}; it accepts {accepted}")
+    try:
+        return cls(optimizer, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"lr_schedule {name} with {kwargs}: {e}") from None
 
 
 def nonfinite_message(what: str, epoch: int, batch: int, steps: int, run_dir: Path | None) -> str:
@@ -120,6 +165,9 @@ class Trainer:
         self.quiet = quiet
         self.module = kind.module
         self.optimizer = make_adam(self.module.parameters(), lr=settings.lr)
+        self.lr_scheduler = make_lr_scheduler(
+            self.optimizer, settings.lr_schedule, settings.lr_schedule_args
+        )
         # Alone: the kind's loss itself. Under torchrun: a DDP module whose forward computes it.
         self.step_loss = self.ctx.wrap(self.module, kind.loss, self.device)
         self.history: list[dict[str, float]] = []
@@ -144,6 +192,13 @@ class Trainer:
                 f"checkpoint in {str(self.run_dir)!r} does not match the model its config "
                 f"builds: {ckpt.describe_load_error(e)}"
             ) from None
+        if self.lr_scheduler is not None:
+            if "lr_scheduler" not in state:
+                raise ConfigError(
+                    f"checkpoint in {str(self.run_dir)!r} has no learning-rate schedule state, "
+                    "but the run's config sets lr_schedule"
+                )
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         ckpt.set_rng_state(state["rng"], self.kind.shuffle)
         self.history = [dict(h) for h in state["history"]]
         self.start_epoch = int(state["epoch"])
@@ -168,6 +223,8 @@ class Trainer:
         }
         if self.best_state is not None:
             state["best_model"] = self.best_state
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
         return state
 
     def _write_epoch(self, epoch: int, improved: bool) -> None:
@@ -256,9 +313,12 @@ class Trainer:
                 row.update(kind.train_columns(sums, steps))
                 row.update(self._validate(epoch, steps))
                 row.update(kind.schedule_columns())
+                if self.lr_scheduler is not None:
+                    row["lr"] = float(self.optimizer.param_groups[0]["lr"])
                 row["seconds"] = time.perf_counter() - t0
                 self.history.append(row)
                 value = row[kind.monitor]
+                self._step_lr_schedule(value)
                 improved = value >= self.best_value
                 if improved:
                     self.best_epoch, self.best_value = epoch + 1, value
@@ -275,6 +335,17 @@ class Trainer:
             self.module.load_state_dict(self.best_state)
         ctx.dump(self.module)
         return self.history
+
+    def _step_lr_schedule(self, monitor: float) -> None:
+        """One step of the learning-rate schedule at the end of an epoch."""
+        from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+        if self.lr_scheduler is None:
+            return
+        if isinstance(self.lr_scheduler, ReduceLROnPlateau):
+            self.lr_scheduler.step(monitor)
+        else:
+            self.lr_scheduler.step()
 
     def _validate(self, epoch: int, steps: int) -> dict[str, float]:
         """The kind's validation metrics (rank 0 computes, every rank receives them)."""
