@@ -340,7 +340,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             out.with_suffix(".png"),
             rows,
             titles,
-            suptitle=f"{n} samples per class, z ~ p(z) shared along each column ({what})",
+            suptitle=f"{n} samples per class (rows);\nz ~ p(z) shared down each column ({what})",
         )
     else:
         imgs = _as_images(x, run.dataset.image_shape)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,9 @@ from pyro.nn import PyroModule, pyro_method
 from . import checkpoint as ckpt
 from . import distributed
 from .components import build as build_component
-from .config import DEVICES, FLOAT32_MAX, ConfigFile, _check_split_fractions, _check_type
+from .config import FLOAT32_MAX, RunConfig
 from .data import Dataset, load_data
+from .estimators import log_likelihood as importance_log_likelihood
 from .guides.encoders import Encoder
 from .guides.labels.base import LabelGuide
 from .kinds.m2 import Cycler, M2Kind, confusion_counts, labelled_accuracy
@@ -76,14 +77,15 @@ from .vae import build_networks, build_prior_and_likelihood, check_batch_shape
 
 __all__ = [
     "SSVAE",
+    "SSLBuild",
     "SSLConfig",
     "SSLResult",
+    "build_ssl_run",
     "build_ssvae",
     "fit_ssl",
     "split_labelled",
 ]
 
-BINARIZE = ("auto", "none", "static", "dynamic")
 BASELINES = ("supervised",)
 SSL_RUN_FILES = ("baseline_history.csv", ckpt.BEST)
 
@@ -94,10 +96,12 @@ SSL_RUN_FILES = ("baseline_history.csv", ckpt.BEST)
 
 
 @dataclass
-class SSLConfig(ConfigFile):
+class SSLConfig(RunConfig):
     r"""Everything that defines a semi-supervised run; every field has a default (digits, M2).
 
-    Fields not in :class:`~ppl_vae.FitConfig`:
+    The options every training command shares are those of :class:`~ppl_vae.config.RunConfig`
+    (defaults changed here: ``likelihood="auto"``, ``latent_dim=16``, ``epochs=100``). The
+    fields of M2:
 
     Attributes:
         labels: number of labelled training examples (class-balanced, chosen by ``seed``), or
@@ -140,15 +144,12 @@ class SSLConfig(ConfigFile):
     command = "ssl"
     kinds = ("m2",)
 
+    # shared fields with other defaults
+    likelihood: str = "auto"
+    latent_dim: int = 16
+    epochs: int = 100
     # data
-    data: str = "digits"
-    data_root: str | None = None
-    download: bool = False
     svhn_extra: bool = False
-    binarize: str = "auto"
-    max_train: int | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
     labels: int | str = 100
     num_classes: int | None = None
     # model
@@ -156,24 +157,8 @@ class SSLConfig(ConfigFile):
     label_guide_args: dict[str, Any] = field(default_factory=dict)
     alpha: float = 0.1
     class_probs: list[float] = field(default_factory=list)
-    prior: str = "gaussian"
-    prior_args: dict[str, Any] = field(default_factory=dict)
-    likelihood: str = "auto"
-    likelihood_args: dict[str, Any] = field(default_factory=dict)
-    latent_dim: int = 16
-    hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
-    network: str = "auto"
-    encoder: str | None = None
-    encoder_args: dict[str, Any] = field(default_factory=dict)
-    decoder: str | None = None
-    decoder_args: dict[str, Any] = field(default_factory=dict)
-    # objective and optimisation
-    num_particles: int = 1
-    epochs: int = 100
-    batch_size: int = 128
+    # optimisation
     labelled_batch_size: int | None = None
-    lr: float = 1e-3
-    clip_norm: float | None = None
     # evaluation
     elbo_samples: int = 10
     baseline: str | None = None
@@ -181,42 +166,22 @@ class SSLConfig(ConfigFile):
     baseline_lr: float | None = None
     baseline_epochs: int | None = None
     baseline_dropout: float | None = None
-    # execution
-    device: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def validate(self) -> None:
         """Check types and ranges; raise :class:`ConfigError` naming the field and the value."""
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), str(f.type))
-        if self.binarize not in BINARIZE:
-            raise ConfigError(f"`binarize` must be one of {list(BINARIZE)}, got {self.binarize!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"`device` must be one of {list(DEVICES)}, got {self.device!r}")
+        super().validate()
         if isinstance(self.labels, bool) or not (
             (isinstance(self.labels, int) and self.labels > 0) or self.labels == "all"
         ):
             raise ConfigError(f"`labels` must be a positive integer or 'all', got {self.labels!r}")
-        for name in ("latent_dim", "num_particles", "epochs", "batch_size", "elbo_samples"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"`{name}` must be positive, got {getattr(self, name)}")
-        for name in (
-            "num_classes",
-            "labelled_batch_size",
-            "max_train",
-            "baseline_patience",
-            "baseline_epochs",
-        ):
+        if not self.elbo_samples > 0:
+            raise ConfigError(f"`elbo_samples` must be positive, got {self.elbo_samples}")
+        for name in ("num_classes", "labelled_batch_size", "baseline_patience", "baseline_epochs"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ConfigError(f"`{name}` must be positive, got {v}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ConfigError(f"`num_classes` must be at least 2, got {self.num_classes}")
-        if not 0 < self.lr <= FLOAT32_MAX:
-            raise ConfigError(f"`lr` must be a finite number > 0, got {self.lr}")
         if self.baseline_lr is not None and not 0 < self.baseline_lr <= FLOAT32_MAX:
             raise ConfigError(f"`baseline_lr` must be a finite number > 0, got {self.baseline_lr}")
         if self.baseline_dropout is not None and not 0 <= self.baseline_dropout < 1:
@@ -225,12 +190,6 @@ class SSLConfig(ConfigFile):
             )
         if not 0 <= self.alpha <= FLOAT32_MAX:
             raise ConfigError(f"`alpha` must be a finite number >= 0, got {self.alpha}")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"`seed` must be an integer in [0, 2**32), got {self.seed}")
-        if self.clip_norm is not None and not 0 < self.clip_norm <= FLOAT32_MAX:
-            raise ConfigError(f"`clip_norm` must be positive, got {self.clip_norm}")
-        if any(h <= 0 for h in self.hidden_dims):
-            raise ConfigError(f"`hidden_dims` must be positive integers, got {self.hidden_dims}")
         if self.class_probs:
             ok = all(
                 isinstance(p, int | float) and not isinstance(p, bool) and p > 0
@@ -243,7 +202,6 @@ class SSLConfig(ConfigFile):
                 )
         if self.baseline is not None and self.baseline not in BASELINES:
             raise ConfigError(f"`baseline` must be one of {list(BASELINES)}, got {self.baseline!r}")
-        _check_split_fractions(self.val_fraction, self.test_fraction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,6 +425,24 @@ class SSVAE(PyroModule):
         """E[x | z, y] for codes ``(..., D)`` and one-hot labels ``(..., K)``."""
         return self.likelihood.mean(self.decoder(self.prior.embed(z), y))
 
+    @torch.no_grad()
+    def sample_per_class(self, n: int, draw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``n`` codes :math:`z_j \sim p(z)`, each decoded with every class.
+
+        Returns:
+            ``(z, x)``: codes ``(n, D)`` and ``x`` ``(K, n, *data_shape)`` with ``x[k, j]`` the
+            mean of :math:`p(x \mid z_j, k)` (``draw=True``: a draw from it), so a column holds
+            one style in every class.
+        """
+        k = self.num_classes
+        z = self.prior().sample((n,))
+        eye = torch.eye(k, dtype=z.dtype, device=z.device)
+        zk = z.expand(k, *z.shape).reshape(k * n, *z.shape[1:])
+        yk = eye.repeat_interleave(n, dim=0)
+        params = self.decoder(self.prior.embed(zk), yk)
+        x = self.likelihood(params).sample() if draw else self.likelihood.mean(params)
+        return z, x.reshape(k, n, *x.shape[1:])
+
     def posterior_mean(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """A point summary of q(z | x, y) (its mean where defined, else a sample)."""
         q = self.q_z(x, self.one_hot(y, x))
@@ -527,6 +503,59 @@ class SSVAE(PyroModule):
         finally:
             self.train(was)
         return (log_q.exp() * (per_class - log_q)).sum(-1)
+
+    @torch.no_grad()
+    def log_joint_per_class(
+        self, x: torch.Tensor, num_samples: int = 100, chunk_size: int = 100, batch_size: int = 256
+    ) -> torch.Tensor:
+        r"""Importance-sampled :math:`\log p(x, k)` for every class k, ``(N, K)``.
+
+        .. math:: \log \hat p(x, k) = \log \tfrac1S \sum_{s=1}^S
+            \frac{p(k)\, p(z_s)\, p(x \mid k, z_s)}{q(z_s \mid x, k)},
+            \quad z_s \sim q(z \mid x, k)
+
+        ``num_samples`` (S) draws per class, in vectorised chunks of ``chunk_size``; unscaled
+        log-densities, the guide in eval mode. Each entry is a stochastic lower bound of
+        :math:`\log p(x, k)` in expectation that tightens as S grows.
+        """
+        was = self.training
+        self.eval()
+        try:
+            out = []
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start : start + batch_size]
+                cols = []
+                for k in range(self.num_classes):
+                    yk = torch.full((xb.shape[0],), k, dtype=torch.long, device=xb.device)
+                    cols.append(
+                        importance_log_likelihood(
+                            self.model,
+                            self.guide,
+                            xb,
+                            y=yk,
+                            num_samples=num_samples,
+                            chunk_size=chunk_size,
+                        )
+                    )
+                out.append(torch.stack(cols, -1))
+            return torch.cat(out)
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
+    def log_likelihood(
+        self, x: torch.Tensor, num_samples: int = 100, chunk_size: int = 100, batch_size: int = 256
+    ) -> torch.Tensor:
+        r"""Importance-sampled :math:`\log p(x)` per point with y summed out exactly, ``(N,)``.
+
+        .. math:: \log \hat p(x) = \operatorname{logsumexp}_{k=1}^{K} \log \hat p(x, k)
+
+        with :math:`\log \hat p(x, k)` of :meth:`log_joint_per_class` (``num_samples`` z per
+        class, so :math:`K \cdot S` decoder passes per point). A stochastic lower bound of
+        :math:`\log p(x)` in expectation, above the unlabelled ELBO :meth:`unlabelled_elbo`
+        (in expectation), and consistent as S grows.
+        """
+        return self.log_joint_per_class(x, num_samples, chunk_size, batch_size).logsumexp(-1)
 
 
 def build_ssvae(
@@ -652,6 +681,133 @@ def _check_labels(ds: Dataset, num_classes: int) -> None:
         )
 
 
+@dataclass
+class SSLBuild:
+    """What :func:`build_ssl_run` returns: everything an M2 run is built from.
+
+    Attributes:
+        config: the resolved config (``likelihood`` and ``num_classes`` set).
+        dataset: the data set, on the device.
+        model: the :class:`SSVAE` with freshly initialised weights, on the device.
+        labelled: indices of the labelled training points; ``unlabelled`` the others.
+        splits: ``(train, val, test)`` data after :func:`~ppl_vae.training.setup.prepare_data`
+            (evaluation data binarised once where the run binarises dynamically).
+        dynamic: whether training batches are binarised afresh at every step.
+    """
+
+    config: SSLConfig
+    dataset: Dataset
+    model: SSVAE
+    labelled: np.ndarray
+    unlabelled: np.ndarray
+    splits: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    dynamic: bool
+
+
+def build_ssl_run(
+    cfg: SSLConfig,
+    *,
+    dataset: Dataset | None = None,
+    device: torch.device | str = "cpu",
+    download: bool | None = None,
+) -> SSLBuild:
+    r"""Rebuild what an M2 run is made of from its config: data, labelled subset and model.
+
+    This is the one way :func:`fit_ssl` and :func:`ppl_vae.runs.load_run` build an M2 run, so
+    a run directory reopens exactly as it was trained: the same split (the config's ``seed``),
+    the same class-balanced labelled subset, the same networks. It seeds Pyro's (torch, NumPy,
+    Python) random states with ``cfg.seed`` first and draws from them only to initialise the
+    networks; components that initialise from the data are left to the caller (fresh runs only).
+
+    Args:
+        cfg: the run's :class:`SSLConfig` (``likelihood="auto"`` and ``num_classes=None`` are
+            resolved here).
+        dataset: an already-loaded data set instead of ``cfg.data``.
+        device: where the data and the model go.
+        download: overrides ``cfg.download`` (reopening a run never downloads: ``False``).
+
+    Raises:
+        ConfigError: data without labels, too few classes, bad labels, a labelled subset that
+            leaves nothing unlabelled, ``class_probs`` of the wrong length.
+    """
+    device = torch.device(device)
+    pyro.set_rng_seed(cfg.seed)
+    if dataset is None:
+        dataset = load_data(
+            cfg.data,
+            root=cfg.data_root,
+            download=cfg.download if download is None else download,
+            binarize="static" if cfg.binarize == "static" else "none",
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+            max_train=cfg.max_train,
+            seed=cfg.seed,
+            svhn_extra=cfg.svhn_extra,
+        )
+    elif cfg.svhn_extra:
+        raise ConfigError(
+            "`svhn_extra` applies when the data are loaded by name, not to a dataset="
+        )
+    if dataset.train_y is None:
+        raise ConfigError(
+            f"semi-supervised learning needs labels, but the training split of {dataset.name!r} "
+            "has none (pass a .npz with 'y', or labels= for arrays)"
+        )
+    num_classes = cfg.num_classes if cfg.num_classes is not None else dataset.num_classes
+    if num_classes is None or num_classes < 2:
+        raise ConfigError(
+            f"semi-supervised learning needs at least 2 classes, got num_classes={num_classes}"
+        )
+    _check_labels(dataset, num_classes)
+    assert dataset.train_y is not None and dataset.val_y is not None and dataset.test_y is not None
+    n_train = len(dataset.train_x)
+    if cfg.labels == "all":
+        labelled = np.arange(n_train)
+        unlabelled = np.arange(0)
+    else:
+        labelled, unlabelled = split_labelled(
+            dataset.train_y, int(cfg.labels), num_classes, cfg.seed
+        )
+        if len(unlabelled) == 0:
+            raise ConfigError(
+                f"`labels`={cfg.labels} labels every training point, which leaves the unlabelled "
+                "set empty, but semi-supervised training needs unlabelled data: pass fewer "
+                "labels, or labels='all' (--labels all) for a conditional VAE"
+            )
+    if cfg.class_probs and len(cfg.class_probs) != num_classes:
+        raise ConfigError(
+            f"`class_probs` must have num_classes={num_classes} entries, got {len(cfg.class_probs)}"
+        )
+    likelihood = auto_likelihood(dataset) if cfg.likelihood == "auto" else cfg.likelihood
+    model = build_ssvae(
+        dataset.data_shape,
+        num_classes,
+        prior=cfg.prior,
+        likelihood=likelihood,
+        label_guide=cfg.label_guide,
+        latent_dim=cfg.latent_dim,
+        hidden_dims=cfg.hidden_dims,
+        network=cfg.network,
+        prior_args=cfg.prior_args,
+        likelihood_args=cfg.likelihood_args,
+        label_guide_args=cfg.label_guide_args,
+        num_levels=dataset.num_levels,
+        class_probs=cfg.class_probs or None,
+        encoder=cfg.encoder,
+        decoder=cfg.decoder,
+        encoder_args=cfg.encoder_args,
+        decoder_args=cfg.decoder_args,
+    )
+    resolved = cfg.to_dict()
+    resolved["likelihood"] = likelihood
+    resolved["num_classes"] = num_classes
+    cfg = SSLConfig.from_dict(resolved)
+    dataset = dataset.to(device)
+    model.to(device)
+    train, val, test, dynamic = prepare_data(dataset, model, cfg.binarize, cfg.seed)
+    return SSLBuild(cfg, dataset, model, labelled, unlabelled, (train, val, test), dynamic)
+
+
 def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> dict[str, Any] | None:
     """The newest good checkpoint of a run being resumed (None: start again from epoch 0).
 
@@ -766,86 +922,22 @@ def _fit_ssl(
 
     # -- data and every check, before anything trains or touches the run directory --------
     device = ctx.device(cfg.device) if ctx.enabled else resolve_device(cfg.device)
-    pyro.set_rng_seed(cfg.seed)
-    if dataset is None:
-        dataset = load_data(
-            cfg.data,
-            root=cfg.data_root,
-            download=cfg.download,
-            binarize="static" if cfg.binarize == "static" else "none",
-            val_fraction=cfg.val_fraction,
-            test_fraction=cfg.test_fraction,
-            max_train=cfg.max_train,
-            seed=cfg.seed,
-            svhn_extra=cfg.svhn_extra,
-        )
-    elif cfg.svhn_extra:
-        raise ConfigError(
-            "`svhn_extra` applies when the data are loaded by name, not to a dataset="
-        )
-    if dataset.train_y is None:
-        raise ConfigError(
-            f"semi-supervised learning needs labels, but the training split of {dataset.name!r} "
-            "has none (pass a .npz with 'y', or labels= for arrays)"
-        )
-    num_classes = cfg.num_classes if cfg.num_classes is not None else dataset.num_classes
-    if num_classes is None or num_classes < 2:
-        raise ConfigError(
-            f"semi-supervised learning needs at least 2 classes, got num_classes={num_classes}"
-        )
-    _check_labels(dataset, num_classes)
-    assert dataset.train_y is not None and dataset.val_y is not None and dataset.test_y is not None
-    n_train = len(dataset.train_x)
-    if cfg.labels == "all":
-        labelled = np.arange(n_train)
-        unlabelled = np.arange(0)
-    else:
-        labelled, unlabelled = split_labelled(
-            dataset.train_y, int(cfg.labels), num_classes, cfg.seed
-        )
-        if len(unlabelled) == 0:
-            raise ConfigError(
-                f"`labels`={cfg.labels} labels every training point, which leaves the unlabelled "
-                "set empty, but semi-supervised training needs unlabelled data: pass fewer "
-                "labels, or labels='all' (--labels all) for a conditional VAE"
-            )
-    if cfg.class_probs and len(cfg.class_probs) != num_classes:
-        raise ConfigError(
-            f"`class_probs` must have num_classes={num_classes} entries, got {len(cfg.class_probs)}"
-        )
-    likelihood = auto_likelihood(dataset) if cfg.likelihood == "auto" else cfg.likelihood
-    model = build_ssvae(
-        dataset.data_shape,
-        num_classes,
-        prior=cfg.prior,
-        likelihood=likelihood,
-        label_guide=cfg.label_guide,
-        latent_dim=cfg.latent_dim,
-        hidden_dims=cfg.hidden_dims,
-        network=cfg.network,
-        prior_args=cfg.prior_args,
-        likelihood_args=cfg.likelihood_args,
-        label_guide_args=cfg.label_guide_args,
-        num_levels=dataset.num_levels,
-        class_probs=cfg.class_probs or None,
-        encoder=cfg.encoder,
-        decoder=cfg.decoder,
-        encoder_args=cfg.encoder_args,
-        decoder_args=cfg.decoder_args,
-    )
-    resolved = cfg.to_dict()
-    resolved["likelihood"] = likelihood
-    resolved["num_classes"] = num_classes
-    cfg = SSLConfig.from_dict(resolved)
-    dataset = dataset.to(device)
-    model.to(device)
-    splits = prepare_data(dataset, model, cfg.binarize, cfg.seed)
+    built = build_ssl_run(cfg, dataset=dataset, device=device)
+    cfg, dataset, model = built.config, built.dataset, built.model
+    labelled, unlabelled, splits = built.labelled, built.unlabelled, built.splits
     if not resume:
         initialize_from_data(model, splits[0])
-    kind = M2Kind(model, cfg, dataset, splits[:3], labelled, unlabelled, splits[3], device)
+    kind = M2Kind(model, cfg, dataset, splits, labelled, unlabelled, built.dynamic, device)
     trainer = Trainer(
         kind,
-        Settings(epochs=cfg.epochs, lr=cfg.lr, clip_norm=cfg.clip_norm, seed=cfg.seed),
+        Settings(
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            clip_norm=cfg.clip_norm,
+            seed=cfg.seed,
+            lr_schedule=cfg.lr_schedule,
+            lr_schedule_args=cfg.lr_schedule_args,
+        ),
         ctx=ctx,
         device=device,
         run_dir=run_dir,

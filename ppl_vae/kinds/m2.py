@@ -19,14 +19,16 @@ losses sum to the single-process step loss (in one process the shards are the ba
 
 Validation: the classifier's accuracy on the validation split picks ``best.pt`` (ties: the later
 epoch), and the best weights are the ones evaluated. Test: accuracy (per class and the confusion
-matrix), the unlabelled bound with ``y`` summed out exactly and the bound at the true label, and
-optionally the supervised baseline.
+matrix), the unlabelled bound with ``y`` summed out exactly and the bound at the true label, the
+importance-sampled :math:`\log p(x)` with ``y`` summed out exactly (:func:`evaluation_metrics`,
+shared with ``ppl-vae evaluate``), and optionally the supervised baseline.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,21 @@ from ..components import spec_of
 from ..data import Dataset
 from ..estimators import make_elbo
 from ..guides.labels.base import LabelGuide
+from ..scoring import Scores, bits_per_dim
 from ..training.trainer import write_history_csv
 from .base import ModelKind
 
-__all__ = ["Cycler", "M2Kind", "confusion_counts", "labelled_accuracy", "per_class_accuracy"]
+__all__ = [
+    "LOG_LIKELIHOOD_SAMPLES",
+    "TRAIN_LOG_LIKELIHOOD_SAMPLES",
+    "Cycler",
+    "M2Evaluation",
+    "M2Kind",
+    "confusion_counts",
+    "evaluation_metrics",
+    "labelled_accuracy",
+    "per_class_accuracy",
+]
 
 
 class Cycler:
@@ -95,6 +108,103 @@ def per_class_accuracy(confusion: np.ndarray, names: list[str]) -> dict[str, flo
         name: (float(confusion[i, i] / totals[i]) if totals[i] else None)
         for i, name in enumerate(names)
     }
+
+
+#: Importance samples of z per class for the test log-likelihood at the end of training
+#: (``metrics.json``); ``ppl-vae evaluate`` takes :data:`LOG_LIKELIHOOD_SAMPLES` by default.
+TRAIN_LOG_LIKELIHOOD_SAMPLES = 20
+#: Importance samples of z per class for ``ppl-vae evaluate`` on an M2 run (``--log-likelihood-samples``).
+LOG_LIKELIHOOD_SAMPLES = 100
+
+
+@dataclass
+class M2Evaluation:
+    """What :func:`evaluation_metrics` returns.
+
+    Attributes:
+        metrics: JSON-able test metrics.
+        scores: per point, the unlabelled ELBO and the log-likelihood (y summed out exactly).
+        predictions: the classifier's class per point; ``confusion`` its ``(K, K)`` counts
+            (both None without labels).
+    """
+
+    metrics: dict[str, Any]
+    scores: Scores
+    predictions: torch.Tensor
+    confusion: np.ndarray | None
+
+
+@torch.no_grad()
+def evaluation_metrics(
+    model: Any,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    class_names: list[str],
+    *,
+    elbo_samples: int,
+    log_likelihood_samples: int,
+    num_levels: int | None = None,
+) -> M2Evaluation:
+    r"""Test metrics of a trained :class:`~ppl_vae.ssl.SSVAE` on ``x`` (labels ``y`` or None).
+
+    - with labels: ``test_accuracy`` (the classifier's most probable class), ``per_class_accuracy``,
+      ``confusion_matrix`` and ``test_elbo_labelled`` (:math:`\mathcal{L}(x, y)` at the true
+      label);
+    - always: ``test_elbo``, the unlabelled bound :math:`\mathcal{U}(x)` with y summed out
+      exactly (``elbo_samples`` z per class), and ``test_log_likelihood``, the importance-sampled
+      :math:`\log p(x) = \operatorname{logsumexp}_k \log \hat p(x, k)` with y summed out
+      exactly (``log_likelihood_samples`` z per class,
+      :meth:`~ppl_vae.ssl.SSVAE.log_likelihood`), each with its standard error over points.
+
+    Random draws: the ELBO's first, then the log-likelihood's (so ``test_elbo`` does not depend
+    on ``log_likelihood_samples``).
+    """
+    model.eval()
+    k = model.num_classes
+    pred = model.predict(x)
+    per_class = model.elbo_per_class(x, elbo_samples)
+    u = model.unlabelled_elbo(x, per_class=per_class)
+    ll = model.log_likelihood(x, log_likelihood_samples)
+    n = len(x)
+
+    def se(v: torch.Tensor) -> float:
+        return float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+    metrics: dict[str, Any] = {}
+    confusion = None
+    if y is not None:
+        confusion = confusion_counts(pred, y, k)
+        lab = per_class.gather(1, y[:, None].long()).squeeze(1)
+        metrics.update(
+            test_accuracy=float((pred == y).float().mean()),
+            per_class_accuracy=per_class_accuracy(confusion, class_names),
+        )
+    metrics.update(
+        test_elbo=float(u.mean()),
+        test_elbo_se=se(u),
+        test_log_likelihood=float(ll.mean()),
+        test_log_likelihood_se=se(ll),
+        test_bits_per_dim=bits_per_dim(model.likelihood, float(ll.mean()), num_levels),
+    )
+    if y is not None:
+        metrics["test_elbo_labelled"] = float(lab.mean())
+    metrics.update(
+        elbo_samples=elbo_samples,
+        log_likelihood_samples=log_likelihood_samples,
+        num_test_points=n,
+        units="accuracy in [0, 1]; ELBO and log-likelihood in nats per data point",
+        elbo_definitions=(
+            "test_elbo: unlabelled bound U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)], y summed "
+            "out exactly, elbo_samples z per class"
+            + ("; test_elbo_labelled: L(x, y) at the true label" if y is not None else "")
+            + "; test_log_likelihood: log p(x) = logsumexp_y log mean_s p(x, y, z_s) / "
+            "q(z_s | x, y), z_s ~ q(z | x, y), log_likelihood_samples z per class, y summed out "
+            "exactly"
+        ),
+    )
+    if confusion is not None:
+        metrics["confusion_matrix"] = confusion.tolist()
+    return M2Evaluation(metrics, Scores(u, ll, log_likelihood_samples), pred, confusion)
 
 
 class M2Kind(ModelKind):
@@ -245,30 +355,22 @@ class M2Kind(ModelKind):
     def evaluate(self, history: list[dict[str, float]], train_seconds: float) -> dict[str, Any]:
         model, cfg, ds = self.model, self.cfg, self.dataset
         model.eval()
-        test_x, test_y = self.test_x, ds.test_y
-        assert test_y is not None
         k = self.num_classes
-        pred = model.predict(test_x)
-        per_class = model.elbo_per_class(test_x, cfg.elbo_samples)
-        u = model.unlabelled_elbo(test_x, per_class=per_class)
-        lab = per_class.gather(1, test_y[:, None]).squeeze(1)
-        confusion = confusion_counts(pred, test_y, k)
-        self.predictions, self.confusion = pred, confusion
         class_names = list(ds.class_names or [str(i) for i in range(k)])
+        report = evaluation_metrics(
+            model,
+            self.test_x,
+            ds.test_y,
+            class_names,
+            elbo_samples=cfg.elbo_samples,
+            log_likelihood_samples=TRAIN_LOG_LIKELIHOOD_SAMPLES,
+            num_levels=ds.num_levels,
+        )
+        self.predictions, self.confusion = report.predictions, report.confusion
         counts = np.bincount(ds.train_y.cpu().numpy()[self.labelled], minlength=k)
         best = max(history, key=lambda h: (h["val_accuracy"], h["epoch"])) if history else None
         metrics: dict[str, Any] = {
-            "test_accuracy": float((pred == test_y).float().mean()),
-            "per_class_accuracy": per_class_accuracy(confusion, class_names),
-            "test_elbo": float(u.mean()),
-            "test_elbo_labelled": float(lab.mean()),
-            "test_elbo_se": float(u.std() / math.sqrt(len(u))) if len(u) > 1 else float("nan"),
-            "elbo_samples": cfg.elbo_samples,
-            "units": "accuracy in [0, 1]; ELBO in nats per data point",
-            "elbo_definitions": (
-                "test_elbo: unlabelled bound U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)], y summed "
-                "out exactly; test_elbo_labelled: L(x, y) at the true label"
-            ),
+            **report.metrics,
             "label_guide": spec_of(model.label_guide, "label_guide"),
             "estimator": self.estimator,
             "mode": "semi-supervised" if self.semi else "conditional VAE (every example labelled)",
@@ -293,8 +395,8 @@ class M2Kind(ModelKind):
             "classifier_parameters": sum(p.numel() for p in model.label_guide.net.parameters()),
             "device": str(self.device),
             "data": ds.describe(),
-            "confusion_matrix": confusion.tolist(),
         }
+        metrics["confusion_matrix"] = metrics.pop("confusion_matrix")  # the long entry last
         if cfg.baseline == "supervised":
             metrics.update(self._train_baseline(class_names))
         return metrics
