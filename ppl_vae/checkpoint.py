@@ -152,7 +152,9 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _load(path: Path, map_location: Any) -> dict[str, Any]:
+def load_state_file(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """One checkpoint-format file (``checkpoint.pt``, ``best.pt``), loaded with
+    ``weights_only=True``; every failure is a one-line :class:`ConfigError`."""
     try:
         with warnings.catch_warnings():
             # e.g. "Detected pickle protocol 4": the file is refused or read all the same
@@ -247,11 +249,11 @@ def load_checkpoint(run_dir: str | Path, map_location: Any = "cpu") -> dict[str,
     try:
         if not path.exists():
             raise ConfigError(f"checkpoint {str(path)!r} is missing")
-        return _load(path, map_location)
+        return load_state_file(path, map_location)
     except ConfigError as newest_error:
         if not prev.exists():
             raise
-        state = _load(prev, map_location)
+        state = load_state_file(prev, map_location)
         warnings.warn(
             f"{newest_error}; using the previous checkpoint {str(prev)!r} (epoch {state['epoch']})",
             RuntimeWarning,

@@ -321,6 +321,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if m2:
             # n codes z ~ p(z), each decoded with every class: x[k, j] is class k, style z_j.
             z, x = run.model.sample_per_class(n, draw=args.draw)
+        elif run.kind == "user":
+            from .kinds.user import sample_from_model
+
+            x = sample_from_model(run.model, run.dataset.test_x, n, draw=args.draw)
         else:
             z, x = run.vae.sample(n)
             if args.draw:

@@ -17,9 +17,6 @@ weights are never loaded into another architecture.
 from __future__ import annotations
 
 import json
-import pickle
-import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +31,13 @@ from .config import ConfigFile, FitConfig, load_run_config, run_kind, write_text
 from .data import Dataset, load_data
 from .models.errors import ConfigError
 from .scoring import Scores, bits_per_dim, score, write_scores_csv
-from .train import build_config_vae, load_config_data, prepare_data, resolve_device
+from .train import (
+    build_config_model,
+    build_config_vae,
+    load_config_data,
+    prepare_data,
+    resolve_device,
+)
 from .vae import VAE
 
 __all__ = ["Run", "evaluate", "load_run"]
@@ -52,7 +55,7 @@ class Run:
         dataset: the data set, split as the run split it, on :attr:`device`.
         epoch: the epoch whose weights were loaded.
         device: where the model and the data are.
-        kind: the model kind the config records (``"vae"``, ``"m2"``).
+        kind: the model kind the config records (``"vae"``, ``"m2"``, ``"user"``).
         weights: the file the weights came from and which weights they are.
         labelled: M2: indices of the labelled training points (None for other kinds).
         test_x: M2: the test data as the run evaluates them (binarised once where the run
@@ -132,7 +135,7 @@ def _load_m2_run(run_dir: Path, dev: torch.device, test_data: str | None) -> Run
         ds, test_x = _replace_test_split(built, test_data)
     best = run_dir / ckpt.BEST
     if best.exists():
-        state = _read_state_file(best, dev)
+        state = ckpt.load_state_file(best, dev)
         where = f"{ckpt.BEST} (best validation accuracy)"
         ckpt.load_model_state(built.model, state, repr(str(best)))
     else:
@@ -165,36 +168,20 @@ def _load_m2_run(run_dir: Path, dev: torch.device, test_data: str | None) -> Run
     )
 
 
+def _load_user_run(run_dir: Path, dev: torch.device, test_data: str | None) -> Run:
+    cfg = FitConfig.load(run_dir / "config.toml")
+    ds = load_config_data(cfg, test_data=test_data, download=False)
+    module = build_config_model(cfg, ds)
+    state = ckpt.load_checkpoint(run_dir, map_location=dev)
+    ckpt.load_model_state(module, state, repr(str(run_dir)))
+    return Run(run_dir, cfg, module, ds.to(dev), int(state["epoch"]), dev, "user")
+
+
 _LOADERS: dict[str, Callable[[Path, torch.device, str | None], Run]] = {
     "vae": _load_vae_run,
     "m2": _load_m2_run,
+    "user": _load_user_run,
 }
-
-
-def _read_state_file(path: Path, map_location: Any) -> dict[str, Any]:
-    """A checkpoint-format file other than ``checkpoint.pt`` (``best.pt``), loaded as
-    :func:`ppl_vae.checkpoint.load_checkpoint` loads one: ``weights_only=True``, one-line errors."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found is not None:
-            raise ConfigError(
-                f"checkpoint {str(path)!r} holds a pickled Python object ({found.group(1)}), not "
-                "only tensors and plain data; refused: checkpoints are loaded with "
-                "weights_only=True and no code in them is run"
-            ) from None
-        raise ConfigError(f"checkpoint {str(path)!r} is truncated or corrupted") from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, ...
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(
-            f"checkpoint {str(path)!r} is truncated or corrupted ({type(e).__name__}: {first})"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
-        raise ConfigError(f"checkpoint {str(path)!r} is not a ppl-vae checkpoint")
-    return state
 
 
 def _replace_test_split(built: Any, test_data: str) -> tuple[Dataset, torch.Tensor]:
@@ -288,10 +275,13 @@ def _evaluate_vae(
     cfg = run.config
     assert isinstance(cfg, FitConfig)
     k = num_samples if num_samples is not None else cfg.log_likelihood_samples
+    lik = getattr(run.model, "likelihood", None)  # a user's pair has none of ours
     pyro.set_rng_seed(cfg.seed)
     with pyro.settings.context(module_local_params=True):
-        _, _, test_x, _ = prepare_data(run.dataset, run.vae, cfg.binarize, cfg.seed)
-        scores: Scores = score(run.vae, test_x, num_samples=k, chunk_size=cfg.log_likelihood_chunk)
+        _, _, test_x, _ = prepare_data(run.dataset, run.model, cfg.binarize, cfg.seed)
+        scores: Scores = score(
+            run.model, test_x, num_samples=k, chunk_size=cfg.log_likelihood_chunk
+        )
     s = scores.summary()
     out = {
         "test_elbo": s["elbo"],
@@ -300,9 +290,9 @@ def _evaluate_vae(
         "log_likelihood_samples": k,
         "num_test_points": int(test_x.shape[0]),
         "epoch": run.epoch,
-        "test_bits_per_dim": bits_per_dim(
-            run.vae.likelihood, s["log_likelihood"], run.dataset.num_levels
-        ),
+        "test_bits_per_dim": bits_per_dim(lik, s["log_likelihood"], run.dataset.num_levels)
+        if lik is not None
+        else None,
         "units": "nats per data point",
         "test_data": test_data or cfg.test_data or f"{cfg.data} (test split)",
     }

@@ -40,7 +40,7 @@ from ..models.errors import ConfigError
 from ..scoring import Scores, mean_elbo, score, write_scores_csv
 from .base import ModelKind, StepState
 
-__all__ = ["ScaleLatents", "UserKind", "check_pair", "observed_site"]
+__all__ = ["ScaleLatents", "UserKind", "check_pair", "observed_site", "sample_from_model"]
 
 
 class ScaleLatents(Messenger):
@@ -269,3 +269,18 @@ def _mean(fn: Any) -> torch.Tensor:
     if not bool(torch.isfinite(m).all()):
         raise ValueError("non-finite mean")
     return m
+
+
+@torch.no_grad()
+def sample_from_model(module: Any, like: torch.Tensor, n: int, draw: bool = False) -> torch.Tensor:
+    """``n`` samples of the data from the model's own prior: every latent site drawn from the
+    model, the observed site's mean (or a draw from it with ``draw``), ``(n, *data_shape)``.
+
+    ``like`` is one data point ``(1, *data_shape)`` that sets the batch size and shape of the
+    model's data plate; its values are not observed.
+    """
+    x = like[:1].expand(n, *like.shape[1:])
+    site = observed_site(module, x.clone())
+    trace = poutine.trace(poutine.uncondition(module.model)).get_trace(x)
+    node = trace.nodes[site]
+    return node["value"] if draw else _mean(node["fn"])
