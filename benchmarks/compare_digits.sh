@@ -9,7 +9,7 @@
 #
 # Budget: about 8-12 minutes on one CPU core of a shared 2-core machine (OMP_NUM_THREADS=1).
 # Writes $OUT/compare.csv, compare.md, curves.csv, khat.csv, figures/, runs/ (default
-# runs/compare-digits). `python -m ppl_vae.compare_cli` is the same command as `ppl-vae compare`.
+# runs/compare-digits). `python -m ppl_vae.cli.compare` is the same command as `ppl-vae compare`.
 #
 # Usage: benchmarks/compare_digits.sh [extra ppl-vae compare flags, e.g. --device cuda]
 set -euo pipefail
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 OUT="${OUT:-runs/compare-digits}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$PYTHON" -m ppl_vae.compare_cli \
+exec "$PYTHON" -m ppl_vae.cli.compare \
     --estimators trace,meanfield,tracegraph,iwae:5,dreg:5,stl \
     --seeds 0,1,2 \
     --data digits --epochs 100 --device cpu \

@@ -50,4 +50,4 @@ def test_wheel_contents(tmp_path):
     assert "ppl_vae/guides/labels/__init__.py" in names
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"ppl_vae", next(n.split("/")[0] for n in names if ".dist-info/" in n)}
-    assert "ppl_vae/cli.py" in names
+    assert "ppl_vae/cli/__init__.py" in names

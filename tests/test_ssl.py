@@ -18,11 +18,11 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from ppl_vae import ConfigError, cli
 from ppl_vae.checkpoint import load_checkpoint
+from ppl_vae.cli.ssl import register
 from ppl_vae.components import available
 from ppl_vae.data import load_data
 from ppl_vae.estimators import make_elbo
 from ppl_vae.ssl import SSLConfig, build_ssvae, fit_ssl, split_labelled
-from ppl_vae.ssl_cli import register
 from tests.fixtures import write_svhn_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,19 +234,37 @@ def test_config_round_trips_through_toml(tmp_path):
 
 
 # -- training ------------------------------------------------------------------------------------
+# Epochs and the accuracy each label guide must beat on digits with 50 labels (chance: 0.1).
+# Measured test accuracies, seeds 0, 1, 2 (latent 8, hidden [64], alpha 10): enumerate 0.783,
+# 0.791, 0.758 and relaxed 0.794, 0.794, 0.760 after 6 epochs; sample (score-function gradients
+# for q(y|x), noisier) 0.613, 0.769, 0.585 after 20. The thresholds leave a margin of about 0.2
+# below the lowest of those and are 4-5 times chance: a classification loss of the wrong sign
+# ends below chance (enumerate, seed 0: 0.097). Subtler objective bugs learn too well for an
+# accuracy threshold (alpha dropped: 0.618; labelled and unlabelled weights swapped: 0.788):
+# tests/test_m2_objective.py checks the objective itself against a hand computation.
+LEARNS = {"enumerate": (6, 0.55), "relaxed": (6, 0.55), "sample": (20, 0.4)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("guide", GUIDES)
-def test_each_label_guide_trains_with_finite_decreasing_loss(guide):
-    r = fit_ssl(
-        labels=20, max_train=300, epochs=4, batch_size=32, lr=3e-3, label_guide=guide, **TINY
-    )
+def test_each_label_guide_learns_far_above_chance_on_digits_with_50_labels(guide):
+    epochs, threshold = LEARNS[guide]
+    r = fit_ssl(labels=50, epochs=epochs, latent_dim=8, hidden_dims=[64], alpha=10.0,
+                label_guide=guide, elbo_samples=1, quiet=True, device="cpu", figures=False)  # fmt: skip
     losses = [h["loss"] for h in r.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 5.0, losses  # nats per point
     assert (
         r.metrics["estimator"]
         == {"enumerate": "enum", "relaxed": "trace", "sample": "tracegraph"}[guide]
     )
-    assert np.isfinite(r.metrics["test_elbo"]) and 0.0 <= r.metrics["test_accuracy"] <= 1.0
+    m = r.metrics
+    assert m["best_val_accuracy"] > threshold and m["test_accuracy"] > threshold, m
+    # the accuracy reported is that of the confusion matrix it summarises (float32 mean: 1e-6,
+    # far below one test point's 1/359)
+    confusion = np.asarray(m["confusion_matrix"])
+    assert confusion.sum() == len(r.dataset.test_y)
+    assert m["test_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum(), abs=1e-6)
+    assert np.isfinite(m["test_elbo"])
     if guide == "relaxed":  # annealed from 1 to 0.5 over training
         assert r.history[0]["temperature"] > r.history[-1]["temperature"] >= 0.5 - 1e-6
 

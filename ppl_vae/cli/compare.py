@@ -7,7 +7,7 @@ Example::
 
 Takes the model flags of ``ppl-vae fit`` (``--estimator`` excepted; ``--seed`` fixes the data
 split, ``--seeds`` the training runs). :func:`register` adds the command to the ``ppl-vae``
-parser; ``python -m ppl_vae.compare_cli [flags]`` runs it on its own.
+parser; ``python -m ppl_vae.cli.compare [flags]`` runs it on its own.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import EXIT_USAGE, _add_model_options, _config_from_args, _Parser
-from .models.errors import ConfigError
+from ..models.errors import ConfigError
+from .common import EXIT_USAGE, Parser
+from .fit import add_model_options, config_from_args
 
 DEFAULT_ESTIMATORS = "trace,meanfield,tracegraph,iwae:5,dreg:5,stl"
 DEFAULT_SEEDS = "0,1,2"
@@ -73,7 +74,7 @@ def register(subparsers: Any) -> None:
         help=f"comma-separated training seeds (default {DEFAULT_SEEDS})",
     )  # fmt: skip
     p.add_argument("--config", help="a config.toml/.json to start from (flags override it)")
-    _add_model_options(p)
+    add_model_options(p)
     g = p.add_argument_group("measurements")
     g.add_argument(
         "--grad-points", type=_epoch_list,
@@ -117,10 +118,10 @@ def register(subparsers: Any) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``ppl-vae compare``; print the Markdown table."""
-    from .compare import compare_estimators
-    from .config import FitConfig
+    from ..compare import compare_estimators
+    from ..config import FitConfig
 
-    given = _config_from_args(args)
+    given = config_from_args(args)
     if "estimator" in given:
         raise ConfigError(
             "ppl-vae compare takes --estimators (a comma-separated list), not --estimator, "
@@ -152,11 +153,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ppl_vae.compare_cli [flags]``: the ``compare`` command on its own."""
-    parser = _Parser(prog="ppl-vae")
-    register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    """``python -m ppl_vae.cli.compare [flags]``: the ``compare`` command on its own."""
+    parser = Parser(prog="ppl-vae")
+    register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     args = parser.parse_args(["compare", *(sys.argv[1:] if argv is None else argv)])
-    from .train import TrainingError
+    from ..train import TrainingError
 
     try:
         return int(args.func(args) or 0)

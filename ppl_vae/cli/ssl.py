@@ -15,15 +15,15 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .cli import (
-    _int_list,
-    _key_values,
+from ..models.errors import ConfigError
+from .common import (
     add_network_options,
     add_schedule_options,
     add_tracker_option,
+    int_list,
+    key_values,
     trackers_from_args,
 )
-from .models.errors import ConfigError
 
 
 def _labels(text: str) -> int | str:
@@ -48,7 +48,7 @@ def _float_list(text: str) -> list[float]:
 
 def register(subparsers: Any) -> None:
     """Add the ``ssl`` subcommand to ``ppl-vae``'s subparsers."""
-    from .ssl import SSLConfig
+    from ..ssl import SSLConfig
 
     d = SSLConfig()
     p = subparsers.add_parser(
@@ -131,7 +131,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--latent-dim", type=int, help=f"dimensions of z (default {d.latent_dim})")
     g.add_argument(
         "--hidden-dims",
-        type=_int_list,
+        type=int_list,
         help="hidden widths of encoder, decoder and classifier, comma list (default 256,128)",
     )
     g.add_argument(
@@ -206,7 +206,7 @@ def register(subparsers: Any) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`~ppl_vae.ssl.SSLConfig` fields given on the command line."""
-    from .ssl import SSLConfig
+    from ..ssl import SSLConfig
 
     given: dict[str, Any] = {}
     for f in fields(SSLConfig):
@@ -218,13 +218,13 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("prior", "likelihood", "label_guide", "encoder", "decoder", "lr_schedule"):
         items = getattr(args, f"{name}_arg", None)
         if items:
-            given[f"{name}_args"] = _key_values(items, f"--{name.replace('_', '-')}-arg")
+            given[f"{name}_args"] = key_values(items, f"--{name.replace('_', '-')}-arg")
     return given
 
 
 def cmd_ssl(args: argparse.Namespace) -> int:
     """Run ``ppl-vae ssl``: train, evaluate, print the accuracies and the run directory."""
-    from .ssl import SSLConfig, fit_ssl
+    from ..ssl import SSLConfig, fit_ssl
 
     given = config_from_args(args)
     if args.resume:
@@ -259,7 +259,7 @@ def cmd_ssl(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             callbacks=trackers_from_args(args),
         )
-    from .distributed import is_main_process
+    from ..distributed import is_main_process
 
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0

@@ -1,0 +1,79 @@
+r"""The ``ppl-vae`` command line: one module per command, one error layer.
+
+``fit`` (:mod:`.fit`), ``evaluate`` and ``sample`` (:mod:`.runs`), ``ssl`` (:mod:`.ssl`),
+``compare`` (:mod:`.compare`); shared option groups in :mod:`.common`. Every option has a
+default, so ``ppl-vae fit`` alone trains on the built-in digits data. Bad input ends with a
+one-line ``error: ...`` and exit code 2, never a traceback, and never changes an existing run
+directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from ..models.errors import ConfigError
+from .common import EXIT_USAGE, Parser
+
+__all__ = ["EXIT_USAGE", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ppl-vae`` parser with every command registered."""
+    from .. import __version__
+    from . import compare, fit, runs, ssl
+
+    parser = Parser(
+        prog="ppl-vae",
+        description="Variational autoencoders as Pyro model/guide pairs.",
+    )
+    parser.add_argument("--version", action="version", version=f"ppl-vae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    fit.register(sub)
+    runs.register(sub)
+    compare.register(sub)
+    ssl.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..distributed import environment
+    from ..train import TrainingError
+
+    # Under torchrun every rank reports its own error; ranks other than 0 say which they are.
+    try:
+        rank = environment()[0]
+    except ConfigError:
+        rank = 0
+    prog = f"ppl-vae {args.command}" + (f" (rank {rank})" if rank else "")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError (a RuntimeError) and the CPU allocator's "can't allocate memory"
+        text = str(e).strip()
+        if not isinstance(e, MemoryError) and not any(
+            s in text for s in ("out of memory", "can't allocate memory")
+        ):
+            raise
+        first = text.splitlines()[0] if text else type(e).__name__
+        print(
+            f"{prog}: error: out of memory ({first}); try a smaller --batch-size, --hidden-dims, "
+            "--latent-dim, --num-particles or --log-likelihood-samples",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
