@@ -248,6 +248,10 @@ class DifferentiableRenyi_ELBO(_BackwardMixin, RenyiELBO):
     ``loss_and_grads`` one: :math:`-\sum_k \tilde w_k \nabla \log w_k` with
     :math:`\tilde w_k \propto w_k^{1-\alpha}` normalised over particles (and Pyro's
     :math:`\tfrac{\alpha}{1-\alpha} \log q` surrogate term at non-reparameterised sites).
+    At such a site the gradient is the self-normalised estimate of the gradient of the exact
+    objective :math:`\tfrac{1}{1-\alpha} \log \mathbb{E}_q[w^{1-\alpha}]`, consistent in K with an
+    O(1/K) bias, not an unbiased gradient of the K-particle bound (checked against the closed
+    form on a conjugate model in ``tests/test_estimators.py``).
     Log weights are summed over plates not shared by every site, so with a data plate the bound
     is per data point, summed.
 

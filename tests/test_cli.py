@@ -54,7 +54,18 @@ def test_config_reproduces_the_run(run_dir, tmp_path):
 def test_evaluate_and_sample(run_dir, tmp_path, capsys):
     assert main(["evaluate", str(run_dir), "--log-likelihood-samples", "15"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["log_likelihood_samples"] == 15 and out["test_log_likelihood"] >= out["test_elbo"]
+    assert out["log_likelihood_samples"] == 15
+    # The reopened run scores the same weights on the same test points as fit did; only the z
+    # draws differ. The test ELBO (a mean over 359 points x K draws) then moves by ~0.01 nats
+    # between draws (measured), so 0.1 nats is ~10 sd; log p(x) with K = 15 lies between the
+    # K = 10 estimate and that plus its gap to the ELBO (E log p_K rises with K and stays below
+    # log p(x)), give or take the same 0.1.
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert abs(out["test_elbo"] - m["test_elbo"]) < 0.1
+    gap = m["test_log_likelihood"] - m["test_elbo"]
+    assert m["test_log_likelihood"] - 0.1 < out["test_log_likelihood"]
+    assert out["test_log_likelihood"] < m["test_log_likelihood"] + gap + 0.1
+    assert out["test_log_likelihood"] >= out["test_elbo"]  # Jensen, next to the checks above
     assert (run_dir / "evaluation.json").is_file()
     target = tmp_path / "s.npy"
     assert main(["sample", str(run_dir), "-n", "8", "--out", str(target)]) == 0

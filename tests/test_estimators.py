@@ -475,6 +475,86 @@ def test_sequential_renyi_equals_pyro_gradient() -> None:
     assert IWAE_ELBO().alpha == 0.0
 
 
+class _NonReparamNormal(dist.Normal):
+    """A Normal that Pyro must treat as non-reparameterisable (score-function gradients)."""
+
+    has_rsample = False
+
+
+class ScoreFunctionConjugateGuide(ConjugateGuide):
+    """:class:`ConjugateGuide` whose ``z`` has no ``rsample``: every estimator takes its
+    score-function branch for ``z``."""
+
+    def forward(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("z", _NonReparamNormal(self.a * x + self.b, self.c).to_event(1))
+
+
+def closed_form_renyi(point: dict, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The exact Rényi objective of the conjugate pair and the gradient of its negative, per
+    point ((3,) and (3, 7)).
+
+    .. math:: \mathcal{L}_\alpha = \frac{1}{1-\alpha} \log \int p(x, z)^{1-\alpha}\,
+        q(z \mid x)^\alpha\, dz
+
+    Per dimension the integrand is :math:`\exp(c_0 - \tfrac12 P z^2 + h z)` with
+    :math:`P = (1-\alpha)(1 + w^2/s^2) + \alpha/c^2`, :math:`h = (1-\alpha) w x / s^2 +
+    \alpha m / c^2`, so the integral is :math:`e^{c_0} \sqrt{2\pi/P}\, e^{h^2/(2P)}`.
+    """
+    model, guide, x = make_pair(point, 1)
+    a, b, c, w = guide.a, guide.b, guide.c, model.w
+    s2 = NOISE_SCALE**2
+    m = a * x + b
+    precision = (1 - alpha) * (1 + w**2 / s2) + alpha / c**2
+    h = (1 - alpha) * w * x / s2 + alpha * m / c**2
+    c0 = (1 - alpha) * (-0.5 * math.log(2 * math.pi) - 0.5 * math.log(2 * math.pi * s2)
+                        - x**2 / (2 * s2))  # fmt: skip
+    c0 = c0 + alpha * (-0.5 * torch.log(2 * math.pi * c**2) - m**2 / (2 * c**2))
+    log_integral = c0 + 0.5 * torch.log(2 * math.pi / precision) + h**2 / (2 * precision)
+    objective = log_integral.sum(-1) / (1 - alpha)
+    return objective.detach(), row_gradients(-objective.sum(), model, guide)
+
+
+def test_closed_form_renyi_objective_agrees_with_monte_carlo() -> None:
+    r"""The closed form above against a plain-torch Monte Carlo of the same integral
+    (:math:`K = 2 \cdot 10^5` reparameterised samples; its bias, O(1/K), and spread are
+    ~3e-3 nats here): within 0.02 nats, and the alpha -> 0 limit is log p(x) exactly."""
+    value, _ = closed_form_renyi(AWAY, 0.5)
+    _, _, mc = mc_renyi_rows(AWAY, 0.5, 200_000, copies=1)
+    torch.testing.assert_close(mc.detach(), value, rtol=0, atol=0.02)
+    limit, _ = closed_form_renyi(AWAY, 0.0)
+    torch.testing.assert_close(limit, exact_log_evidence(AWAY, X_BASE), rtol=1e-12, atol=1e-12)
+
+
+def test_renyi_score_function_gradient_matches_the_closed_form() -> None:
+    r"""The score-function branch of :class:`DifferentiableRenyi_ELBO` (a guide site without
+    ``rsample``) against the gradient of the exact objective :math:`\mathcal{L}_\alpha`.
+
+    At such a site the estimator's gradient (Pyro's surrogate
+    :math:`\tfrac{\alpha}{1-\alpha} \sum_k \tilde w_k \nabla \log q(z_k)`, with normalised
+    weights :math:`\tilde w_k \propto w_k^{1-\alpha}`) is the self-normalised importance-sampling
+    estimate of :math:`\nabla \mathcal{L}_\alpha = \tfrac{\alpha}{1-\alpha}
+    E_q[w^{1-\alpha} \nabla \log q] / E_q[w^{1-\alpha}]`: consistent in K with an O(1/K) bias,
+    not an unbiased gradient of the K-particle bound. With K = 1000 particles and 500 rows per
+    point the bias is below 0.1 standard error (measured: at K = 100 it reaches ~2 SE, and
+    shrinks as 1/K), so the mean must lie within 5 SE of the closed form for every point and
+    parameter (guide a, b, c through the score function; model w pathwise). A flipped sign of
+    the score-function term flips the guide's gradient, which is 5-100 SE from zero.
+    """
+    alpha = 0.5
+    _, ref = closed_form_renyi(AWAY, alpha)
+    model, pathwise, x = make_pair(AWAY, 500)
+    guide = ScoreFunctionConjugateGuide(
+        *(p.detach().clone() for p in (pathwise.a, pathwise.b, pathwise.c))
+    )
+    elbo = DifferentiableRenyi_ELBO(alpha=alpha, num_particles=1000, vectorize_particles=True,
+                                    max_plate_nesting=1)  # fmt: skip
+    loss = elbo.differentiable_loss(model, guide, x)
+    mean, se = per_point(row_gradients(loss, model, guide))
+    assert_within(mean, se, ref, torch.zeros_like(ref))
+    assert (ref[:, :6].abs() > 5 * se[:, :6]).all()  # guide gradients: far from zero
+
+
 # --------------------------------------------------------------------------- registry
 
 

@@ -16,7 +16,10 @@ class NormalLikelihood(LocScaleLikelihood):
         scale: ``"fixed"`` (:math:`\sigma` = ``init_scale``), ``"shared"`` (one learned
             :math:`\sigma`), ``"per-element"`` (one learned :math:`\sigma_i` per data element) or
             ``"predicted"`` (the decoder outputs a raw scale too, P = 2).
-        init_scale: the fixed value or the initial learned value; must be positive.
+        init_scale: the fixed value or the initial learned value; must be positive. ``None``
+            (the default): the training data's pooled standard deviation,
+            :math:`\sqrt{\frac1D \sum_i \mathrm{Var}(x_i)}` (see
+            :meth:`~ppl_vae.models.likelihoods._loc_scale.LocScaleLikelihood.initialize_from_data`).
         min_scale: floor on a learned :math:`\sigma` (positive for ``"predicted"``).
     """
 

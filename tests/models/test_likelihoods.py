@@ -448,6 +448,94 @@ def test_scale_modes(module: str, mode: str) -> None:
     assert lik.params_per_element == (2 if mode == "predicted" else 1)
 
 
+def _spread_by_hand(module: str, x: np.ndarray) -> float:
+    """The family's ML scale with per-element locations, pooled (numpy, float64)."""
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    if module == "normal":
+        return float(np.sqrt(flat.var(0).mean()))
+    # torch's median of an even count is the lower middle value; the MAD is the same for any
+    # median in the middle interval, so numpy's average of the two middle values gives it too
+    return float(np.abs(flat - np.median(flat, 0)).mean())
+
+
+@pytest.mark.parametrize("module", ["normal", "laplace"])
+@pytest.mark.parametrize("mode", ["fixed", "shared", "per-element", "predicted"])
+def test_initial_scale_is_the_data_spread_unless_given(module: str, mode: str) -> None:
+    r"""Without ``init_scale`` the scale starts at the training data's pooled spread (the
+    family's ML scale with per-element locations: sd for the Normal, mean absolute deviation from
+    the medians for the Laplace), in every element and every mode; with ``init_scale`` it stays.
+    Data of scale ~1000 with elements of different spreads, so no constant could pass; float32
+    parameters: 1e-5 relative."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((200, 2, 3)) * [[1.0, 2.0, 3.0]] * 1000 + 50).astype(np.float32)
+    cls = _likelihood_class(module)
+    out = np.zeros((4, 2 if mode == "predicted" else 1, 2, 3), dtype=np.float32)
+    lik = cls((2, 3), scale=mode)
+    np.testing.assert_allclose(_scale_of(lik, out), 0.1, rtol=1e-6)  # before the data
+    lik.initialize_from_data(torch.from_numpy(x))
+    spread = _spread_by_hand(module, x)
+    assert spread > 1000  # far from the constant default
+    np.testing.assert_allclose(_scale_of(lik, out), spread, rtol=1e-5)
+    given = cls((2, 3), scale=mode, init_scale=0.3)
+    given.initialize_from_data(torch.from_numpy(x))
+    np.testing.assert_allclose(_scale_of(given, out), 0.3, rtol=1e-6)
+    # constant data (spread zero) and a single point keep the default; the start is at least
+    # twice min_scale
+    for data in (np.full((10, 2, 3), 7.0, np.float32), x[:1]):
+        kept = cls((2, 3), scale=mode)
+        kept.initialize_from_data(torch.from_numpy(data))
+        np.testing.assert_allclose(_scale_of(kept, out), 0.1, rtol=1e-6)
+    tiny = cls((2, 3), scale=mode, min_scale=0.01)
+    tiny.initialize_from_data(torch.from_numpy(x * 1e-6))
+    np.testing.assert_allclose(_scale_of(tiny, out), 0.02, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "shared", "per-element", "predicted"])
+def test_data_derived_scale_is_part_of_the_saved_state(mode: str) -> None:
+    """A reopened model gets the data-derived scale from its state_dict (it never sees the
+    data again); a predicted-scale state saved before the offset was a buffer still loads."""
+    cls = _likelihood_class("normal")
+    out = np.zeros((1, 2 if mode == "predicted" else 1, 3), dtype=np.float32)
+    lik = cls((3,), scale=mode)
+    lik.initialize_from_data(torch.randn(50, 3) * 40)
+    reopened = cls((3,), scale=mode)
+    reopened.load_state_dict(lik.state_dict())
+    np.testing.assert_allclose(_scale_of(reopened, out), _scale_of(lik, out), rtol=1e-7)
+    assert float(_scale_of(reopened, out).min()) > 10
+    if mode == "predicted":
+        old = {k: v for k, v in lik.state_dict().items() if not k.startswith("scale_")}
+        legacy = cls((3,), scale=mode)
+        legacy.load_state_dict(old)  # strict: no missing key
+        np.testing.assert_allclose(_scale_of(legacy, out), 0.1, rtol=1e-6)
+        # the raw output scales a data-derived start multiplicatively: -20 takes it to its floor
+        # and +3 multiplies it by softplus(3.54) = 3.57 (an additive offset of ~40 could neither
+        # go below ~10 with raw outputs clamped to +-30, nor more than +3 here)
+        low = np.concatenate([out[:, :1], np.full_like(out[:, 1:], -20.0)], 1)
+        assert float(_scale_of(lik, low).max()) < 2 * lik.min_scale
+        high = np.concatenate([out[:, :1], np.full_like(out[:, 1:], 3.0)], 1)
+        assert float(_scale_of(lik, high).min()) > 3.5 * float(_scale_of(lik, out).max())
+
+
+def test_fit_starts_the_normal_scale_at_the_training_data_spread() -> None:
+    """Through the engine: ``fit`` calls ``initialize_from_data`` on the training split before
+    the first step (a callback reads the scale then), on digits scaled by 100."""
+    from ppl_vae import fit, load_data
+    from ppl_vae.training import Callback
+
+    ds = load_data("digits", seed=0)
+    ds = load_data(ds.train_x.numpy() * 100, test_data=ds.test_x.numpy() * 100, seed=0)
+    seen: list[float] = []
+
+    class Probe(Callback):
+        def on_train_start(self, trainer) -> None:
+            seen.append(float(trainer.kind.module.likelihood.scale.detach()))
+
+    fit(dataset=ds, likelihood="normal", epochs=1, hidden_dims=[16], latent_dim=2,
+        log_likelihood_samples=2, quiet=True, figures=False, callbacks=[Probe()])  # fmt: skip
+    assert seen == [pytest.approx(_spread_by_hand("normal", ds.train_x.numpy()), rel=1e-5)]
+    assert seen[0] > 10
+
+
 @pytest.mark.parametrize("module", ["normal", "laplace"])
 def test_scale_arguments_rejected(module: str) -> None:
     cls = _likelihood_class(module)
