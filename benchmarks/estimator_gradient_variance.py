@@ -23,7 +23,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from ppl_vae.estimators import make_elbo
+from ppl_vae.inference.estimators import make_elbo
 
 DTYPE = torch.float64
 X_BASE = torch.tensor([[0.5, -1.0], [1.5, 0.3], [-0.7, 2.0]], dtype=DTYPE)

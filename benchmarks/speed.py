@@ -11,7 +11,7 @@ the order rotates every round), so that the load of a shared machine hits all of
     shuffled index from a tensor on the device, like ``fit()``; no per-step host sync.
 ``hand, fused Adam``
     The same, with ``torch.optim.Adam(..., fused=True)``, the optimiser ``fit()`` uses
-    (:func:`ppl_vae.optim.make_adam`): the part of ``fit()``'s speed that comes from the fused
+    (:func:`ppl_vae.training.optim.make_adam`): the part of ``fit()``'s speed that comes from the fused
     kernel, shown apart. The targets are ratios to ``hand``, the VAE users write.
 ``fit:trace``, ``fit:meanfield``
     :func:`ppl_vae.fit` itself, with ``estimator="trace"`` / ``"meanfield"``. Its epoch time is
@@ -90,7 +90,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ppl_vae.train as train_module
 from ppl_vae import Dataset, build_vae, fit, load_data, score
-from ppl_vae.fastpath import build_loss
+from ppl_vae.inference.fastpath import build_loss
 
 LATENT = 20
 HIDDEN = 400

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from ppl_vae.compare import compare_estimators
+from ppl_vae.runs.compare import compare_estimators
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,13 +9,13 @@ Example:
     >>> result = fit(epochs=2, quiet=True)  # doctest: +SKIP
 """
 
-from .compare import compare_estimators
 from .config import FitConfig
 from .data import Dataset, load_data
-from .estimators import estimator_names, make_elbo
+from .inference.estimators import estimator_names, make_elbo
+from .inference.scoring import score
 from .models.errors import ConfigError
-from .runs import Run, evaluate, load_run
-from .scoring import score
+from .runs.compare import compare_estimators
+from .runs.reopen import Run, evaluate, load_run
 from .ssl import SSVAE, SSLConfig, build_ssvae, fit_ssl
 from .train import FitResult, TrainingError, fit
 from .vae import VAE, build_vae

@@ -55,21 +55,20 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 
-from . import checkpoint as ckpt
-from . import distributed
 from .components import build as build_component
 from .config import FLOAT32_MAX, RunConfig
 from .data import Dataset, load_data
-from .estimators import log_likelihood as importance_log_likelihood
 from .guides.encoders import Encoder
 from .guides.labels.base import LabelGuide
+from .inference.estimators import log_likelihood as importance_log_likelihood
+from .inference.scoring import log_weights
 from .kinds.m2 import Cycler, M2Kind, confusion_counts, labelled_accuracy
 from .models.errors import ConfigError
 from .models.likelihoods.base import Likelihood
 from .models.priors.base import Prior
-from .optim import make_adam
-from .scoring import log_weights
-from .training import Callback, Settings, Trainer
+from .training import Callback, Settings, Trainer, distributed
+from .training import checkpoint as ckpt
+from .training.optim import make_adam
 from .training.rundir import load_resume_state, prepare_run_dir, resolve_config
 from .training.setup import initialize_from_data, prepare_data, resolve_device
 from .training.trainer import state_copy
@@ -713,7 +712,7 @@ def build_ssl_run(
 ) -> SSLBuild:
     r"""Rebuild what an M2 run is made of from its config: data, labelled subset and model.
 
-    This is the one way :func:`fit_ssl` and :func:`ppl_vae.runs.load_run` build an M2 run, so
+    This is the one way :func:`fit_ssl` and :func:`ppl_vae.runs.reopen.load_run` build an M2 run, so
     a run directory reopens exactly as it was trained: the same split (the config's ``seed``),
     the same class-balanced labelled subset, the same networks. It seeds Pyro's (torch, NumPy,
     Python) random states with ``cfg.seed`` first and draws from them only to initialise the
@@ -867,7 +866,7 @@ def fit_ssl(
         figures: write figures to ``out/figures``.
 
     Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1``) the N processes train one model
-    with DistributedDataParallel, as :func:`ppl_vae.fit` does (:mod:`ppl_vae.distributed`):
+    with DistributedDataParallel, as :func:`ppl_vae.fit` does (:mod:`ppl_vae.training.distributed`):
     every rank draws the same global labelled and unlabelled batches from the shared seed and
     takes its shard of each; the whole step loss (labelled and unlabelled bounds and the
     classification term, each divided by its *global* batch size) is computed inside the DDP

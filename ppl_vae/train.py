@@ -12,7 +12,7 @@ with its saved config; one without ``config.toml`` has nothing to resume and is 
 (leftover temporary files of interrupted writes do not count as contents and are cleared).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop trains with DistributedDataParallel; see
-:mod:`ppl_vae.distributed` for the conventions (shards, loss scaling, seeds, rank 0's I/O).
+:mod:`ppl_vae.training.distributed` for the conventions (shards, loss scaling, seeds, rank 0's I/O).
 """
 
 from __future__ import annotations
@@ -24,17 +24,16 @@ from typing import Any
 import pyro
 import torch
 
-from . import checkpoint as ckpt
-from . import distributed
 from .components import build as build_component
 from .components import recorded_options, spec_of
 from .config import FitConfig
 from .data import Dataset, load_data
-from .estimators import make_elbo
+from .inference.estimators import make_elbo
 from .kinds.user import UserKind
 from .kinds.vae import FitResult, VAEKind
 from .models.errors import ConfigError
-from .training import Callback, EpochFunction, Settings, Trainer, TrainingError
+from .training import Callback, EpochFunction, Settings, Trainer, TrainingError, distributed
+from .training import checkpoint as ckpt
 from .training.rundir import (
     RUN_FILES,
     config_as_dict,
@@ -340,22 +339,20 @@ def _fit(
         assert run_dir is not None
         # Several processes: rank 0 reads the checkpoint on the CPU and hands it to every rank.
         where = "cpu" if ctx.enabled else device
-        state = ctx.on_main(lambda: _open_resumed_run(run_dir, cfg, where))
+        # warning: load_resume_state < lambda < on_main < _fit < fit < caller
+        state = ctx.on_main(lambda: load_resume_state(run_dir, cfg.epochs, where, stacklevel=6))
         if state is not None:
             trainer.load_state(state)
+        # Only once the checkpoint is known to fit the model: an error never changes the run.
+        ctx.on_main(lambda: _update_resumed_run(run_dir, cfg, state))
     metrics = trainer.run(figures)
     return FitResult(vae, cfg, dataset, trainer.history, metrics, run_dir, kind.scores)
 
 
-def _open_resumed_run(run_dir: Path, cfg: FitConfig, map_location: Any) -> dict[str, Any] | None:
-    """Rank 0's part of a resume: the newest good checkpoint (None: start again from epoch 0).
-
-    Checks that ``epochs`` is not below what the run has done before anything in the directory
-    changes; then clears leftover temporary files, brings ``history.csv`` up to the checkpoint
-    and saves a raised ``epochs`` into ``config.toml``.
-    """
-    # warning: load_resume_state < _open_resumed_run < lambda < on_main < _fit < fit < caller
-    state = load_resume_state(run_dir, cfg.epochs, map_location, stacklevel=7)
+def _update_resumed_run(run_dir: Path, cfg: FitConfig, state: dict[str, Any] | None) -> None:
+    """Rank 0's writes of a resume, after the checkpoint was loaded into the model: clear
+    leftover temporary files, bring ``history.csv`` up to the checkpoint and save a raised
+    ``epochs`` into ``config.toml``."""
     ckpt.remove_temporaries(run_dir)
     if state is not None:
         history_csv = run_dir / "history.csv"
@@ -364,4 +361,3 @@ def _open_resumed_run(run_dir: Path, cfg: FitConfig, map_location: Any) -> dict[
             write_history_csv(history_csv, state["history"])
     if cfg.epochs != FitConfig.load(run_dir / "config.toml").epochs:
         cfg.save(run_dir / "config.toml")
-    return state

@@ -32,12 +32,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ppl_vae import ConfigError, FitConfig, build_vae, fit, make_elbo
-from ppl_vae.checkpoint import load_checkpoint
 from ppl_vae.cli import build_parser, main
 from ppl_vae.components import available
-from ppl_vae.estimators import estimator_names
-from ppl_vae.fastpath import build_loss
+from ppl_vae.inference.estimators import estimator_names
+from ppl_vae.inference.fastpath import build_loss
 from ppl_vae.models.distributions.family import RAW_CLAMP
+from ppl_vae.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

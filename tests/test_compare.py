@@ -19,7 +19,8 @@ import ppl_vae.train as train_module
 from ppl_vae import ConfigError, FitConfig, fit
 from ppl_vae.cli.common import EXIT_USAGE, Parser
 from ppl_vae.cli.compare import register
-from ppl_vae.compare import (
+from ppl_vae.inference.estimators import make_elbo
+from ppl_vae.runs.compare import (
     KHAT_THRESHOLD,
     _build_like_fit,
     _fixed_batch,
@@ -31,7 +32,6 @@ from ppl_vae.compare import (
     initial_weights_digest,
     preserved_rng,
 )
-from ppl_vae.estimators import make_elbo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,7 @@ def test_unknown_estimator_fails_before_any_training(tmp_path: Path, monkeypatch
     def no_training(*args, **kwargs):
         raise AssertionError("fit() was called")
 
-    monkeypatch.setattr("ppl_vae.compare.fit", no_training)
+    monkeypatch.setattr("ppl_vae.runs.compare.fit", no_training)
     out = tmp_path / "cmp"
     with pytest.raises(ConfigError, match="Unknown estimator 'trcae'"):
         compare_estimators(["trace", "trcae"], [0], out=out, **TINY)
@@ -198,7 +198,7 @@ def test_unknown_estimator_fails_before_any_training(tmp_path: Path, monkeypatch
 
 
 def test_existing_output_needs_overwrite(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("ppl_vae.compare.fit", lambda *a, **k: pytest.fail("fit() was called"))
+    monkeypatch.setattr("ppl_vae.runs.compare.fit", lambda *a, **k: pytest.fail("fit() was called"))
     (tmp_path / "notes.txt").write_text("keep")
     with pytest.raises(ConfigError, match="overwrite"):
         compare_estimators(["trace"], [0], out=tmp_path, **TINY)

@@ -2,7 +2,7 @@
 
 Two processes train on shards of every global batch (128 points, as the single-process runs).
 Checked: every rank ends with the same parameters, equal to the checkpoint rank 0 wrote (per-rank
-dumps through ``PPL_VAE_DIST_DUMP``, see :mod:`ppl_vae.distributed`); only rank 0 reports; a
+dumps through ``PPL_VAE_DIST_DUMP``, see :mod:`ppl_vae.training.distributed`); only rank 0 reports; a
 two-process run stopped after 3 epochs and resumed (through the ``ppl-vae`` console script) ends
 bit-identical to an uninterrupted one; and the test ELBO matches single-process training.
 
@@ -42,9 +42,9 @@ import pytest
 import torch
 
 from ppl_vae import build_vae, fit, load_data
-from ppl_vae.distributed import Context, DistributedLoss
 from ppl_vae.kinds.base import ModelKind
 from ppl_vae.training import Callback, Settings, Trainer
+from ppl_vae.training.distributed import Context, DistributedLoss
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from ppl_vae import ConfigError
-from ppl_vae.estimators import (
+from ppl_vae.inference.estimators import (
     IWAE_ELBO,
     DifferentiableRenyi_ELBO,
     TraceDReG_ELBO,

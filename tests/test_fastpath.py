@@ -1,7 +1,7 @@
 r"""The fast training loss equals Pyro's ELBO loss: same value, same gradients, same fallbacks.
 
 For every estimator the fast path serves (``trace``, ``meanfield``) and every shipped prior and
-likelihood, one step of :class:`~ppl_vae.fastpath.FastELBOLoss` and one step of
+likelihood, one step of :class:`~ppl_vae.inference.fastpath.FastELBOLoss` and one step of
 ``elbo.differentiable_loss(vae.model, vae.guide, x)`` are taken from the same parameters with the
 same seed (``pyro.set_rng_seed``), so both draw the same :math:`z`.
 
@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from ppl_vae.components import available
-from ppl_vae.estimators import estimator_names, make_elbo
-from ppl_vae.fastpath import FastELBOLoss, build_loss, served_estimator
+from ppl_vae.inference.estimators import estimator_names, make_elbo
+from ppl_vae.inference.fastpath import FastELBOLoss, build_loss, served_estimator
 from ppl_vae.models.distributions.family import MirrorFamily, VariationalFamily
 from ppl_vae.models.priors.base import Prior
 from ppl_vae.vae import VAE, build_vae

@@ -14,7 +14,7 @@ from pyro.infer import SVI, Trace_ELBO
 
 from ppl_vae import build_ssvae, build_vae, fit
 from ppl_vae.data import load_data
-from ppl_vae.scoring import mean_elbo
+from ppl_vae.inference.scoring import mean_elbo
 
 
 def _digits() -> torch.Tensor:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ppl_vae import fit, fit_ssl
-from ppl_vae.checkpoint import load_checkpoint
 from ppl_vae.training import Callback
+from ppl_vae.training.checkpoint import load_checkpoint
 
 USER_MODEL = f"{Path(__file__).resolve().parents[1] / 'examples' / 'own_model.py'}:TwoLayerVAE"
 SMALL = {

@@ -17,11 +17,11 @@ from torch import nn
 
 import ppl_vae
 from ppl_vae import ConfigError, FitConfig, build_vae
-from ppl_vae.checkpoint import load_checkpoint
 from ppl_vae.cli import main
 from ppl_vae.components import available, build
 from ppl_vae.guides.encoders import Encoder
 from ppl_vae.models.decoders import ACTIVATIONS, Decoder
+from ppl_vae.training.checkpoint import load_checkpoint
 from ppl_vae.vae import build_networks
 
 ENCODERS = available("encoder")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppl_vae import checkpoint as ckpt
 from ppl_vae import fit, load_data
-from ppl_vae.optim import make_adam
+from ppl_vae.training import checkpoint as ckpt
+from ppl_vae.training.optim import make_adam
 
 
 def _problem(seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ppl_vae import ConfigError
 from ppl_vae.cli import main
 from ppl_vae.kinds.m2 import LOG_LIKELIHOOD_SAMPLES, TRAIN_LOG_LIKELIHOOD_SAMPLES
-from ppl_vae.runs import evaluate, load_run
+from ppl_vae.runs.reopen import evaluate, load_run
 from ppl_vae.ssl import build_ssvae, fit_ssl
 
 

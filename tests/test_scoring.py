@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ppl_vae import build_vae, score
-from ppl_vae.scoring import Scores, log_weights
+from ppl_vae.inference.scoring import Scores, log_weights
 
 SIGMA = 0.5
 
@@ -143,7 +143,7 @@ def test_chunks_bound_memory_and_kl_scale_is_ignored(monkeypatch):
     vae, W, b = linear_gaussian_vae(exact_posterior_mean=True)
     x = torch.randn(16, 4, dtype=torch.float64) + b
     seen = []
-    import ppl_vae.scoring as ev
+    import ppl_vae.inference.scoring as ev
 
     def spy(model, guide, xb, k):
         seen.append(k)

@@ -17,12 +17,12 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from ppl_vae import ConfigError, cli
-from ppl_vae.checkpoint import load_checkpoint
 from ppl_vae.cli.ssl import register
 from ppl_vae.components import available
 from ppl_vae.data import load_data
-from ppl_vae.estimators import make_elbo
+from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.ssl import SSLConfig, build_ssvae, fit_ssl, split_labelled
+from ppl_vae.training.checkpoint import load_checkpoint
 from tests.fixtures import write_svhn_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,7 +413,7 @@ def test_resume_after_a_kill_gives_exactly_the_uninterrupted_run(tmp_path, monke
     assert whole.metrics["baseline_settings"]["lr"] == 3e-3
     assert whole.metrics["baseline_settings"]["dropout"] == 0.2  # label_guide_args' by default
 
-    from ppl_vae import checkpoint
+    from ppl_vae.training import checkpoint
 
     save = checkpoint.save_checkpoint
 

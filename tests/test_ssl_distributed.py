@@ -1,7 +1,7 @@
 """``ppl-vae ssl`` under ``torchrun --nproc-per-node 2`` with gloo on the CPU.
 
 Two processes train the M2 model on shards of every global labelled and unlabelled batch (see
-:func:`ppl_vae.ssl.fit_ssl` and :mod:`ppl_vae.distributed`). Checked, all exactly (no
+:func:`ppl_vae.ssl.fit_ssl` and :mod:`ppl_vae.training.distributed`). Checked, all exactly (no
 statistical tolerance: every comparison is bit-for-bit equality of tensors or a count):
 
 - both ranks end with the same parameters (per-rank dumps through ``PPL_VAE_DIST_DUMP``), equal
@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppl_vae.runs import load_run
+from ppl_vae.runs.reopen import load_run
 from ppl_vae.ssl import fit_ssl
 
 pytestmark = pytest.mark.slow

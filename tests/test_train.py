@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ppl_vae import ConfigError, FitConfig, TrainingError, fit
-from ppl_vae.checkpoint import load_checkpoint
+from ppl_vae.training.checkpoint import load_checkpoint
 
 TINY = dict(hidden_dims=[32], latent_dim=4, log_likelihood_samples=20, quiet=True)
 

@@ -10,7 +10,7 @@ import torch
 
 from ppl_vae import ConfigError, FitConfig, fit
 from ppl_vae.cli import main
-from ppl_vae.scoring import score
+from ppl_vae.inference.scoring import score
 
 from .user_models import LinearGaussianChain, TwoLayerVAE
 
@@ -139,7 +139,7 @@ def test_compare_runs_on_the_users_pair(tmp_path):
     """`compare` on a two-site model: every estimator trains it, the gradient probe splits the
     guide's parameters from the model's, and the posterior draws hold both latent sites."""
     from ppl_vae import compare_estimators
-    from ppl_vae.compare import network_groups
+    from ppl_vae.runs.compare import network_groups
 
     res = compare_estimators(
         ["trace", "iwae:3"],

@@ -83,7 +83,7 @@ class Likelihood(RecordsOptions, PyroModule):
         r"""The scalar :math:`\sum_{n} \log p(x_n \mid \eta_n)` over every point of the batch.
 
         Equal to ``self(out).log_prob(x).sum()``, which is the default. The training loss's fast
-        path (:mod:`ppl_vae.fastpath`) calls this, so a likelihood may override it with a fused
+        path (:mod:`ppl_vae.inference.fastpath`) calls this, so a likelihood may override it with a fused
         form that builds no distribution; the override must agree with the default to float
         rounding, value and gradient, and should defer to it while Pyro's validation is on
         (see :class:`~ppl_vae.models.likelihoods.bernoulli.BernoulliLikelihood`).

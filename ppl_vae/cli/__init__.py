@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..distributed import environment
     from ..train import TrainingError
+    from ..training.distributed import environment
 
     # Under torchrun every rank reports its own error; ranks other than 0 say which they are.
     try:

@@ -118,8 +118,8 @@ def register(subparsers: Any) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``ppl-vae compare``; print the Markdown table."""
-    from ..compare import compare_estimators
     from ..config import FitConfig
+    from ..runs.compare import compare_estimators
 
     given = config_from_args(args)
     if "estimator" in given:

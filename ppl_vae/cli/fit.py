@@ -195,7 +195,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             callbacks=trackers_from_args(args),
         )
-    from ..distributed import is_main_process
+    from ..training.distributed import is_main_process
 
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0

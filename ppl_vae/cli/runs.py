@@ -74,7 +74,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..runs import evaluate
+    from ..runs.reopen import evaluate
 
     out = evaluate(
         args.run_dir,
@@ -92,7 +92,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from ..figures import _as_images, image_grid
-    from ..runs import load_run
+    from ..runs.reopen import load_run
 
     if args.n is not None and args.n <= 0:
         raise ConfigError(f"-n must be positive, got {args.n}")

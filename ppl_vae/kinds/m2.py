@@ -39,9 +39,9 @@ import torch
 from ..components import build as build_component
 from ..components import spec_of
 from ..data import Dataset
-from ..estimators import make_elbo
 from ..guides.labels.base import LabelGuide
-from ..scoring import Scores, bits_per_dim
+from ..inference.estimators import make_elbo
+from ..inference.scoring import Scores, bits_per_dim
 from ..training.trainer import write_history_csv
 from .base import ModelKind
 

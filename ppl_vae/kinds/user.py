@@ -15,7 +15,7 @@ where the trainer's KL weight :math:`\beta_t` scales every latent site :math:`s`
 programs (observed sites unscaled), so warm-up and beta mean what they mean for the VAE. The
 validation metric is the one-sample ELBO per point; the test metrics are the ELBO and the
 importance-sampled :math:`\log p(x)` over **all** the guide's latent sites
-(:func:`ppl_vae.scoring.score`). Figures: the ELBO curves, reconstructions (the observed site's
+(:func:`ppl_vae.inference.scoring.score`). Figures: the ELBO curves, reconstructions (the observed site's
 mean given guide draws) and samples (its mean given draws from the model's own prior), found
 through Pyro traces, so no method beyond ``model``/``guide`` is needed.
 
@@ -36,8 +36,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
 from ..data import Dataset
+from ..inference.scoring import Scores, mean_elbo, score, write_scores_csv
 from ..models.errors import ConfigError
-from ..scoring import Scores, mean_elbo, score, write_scores_csv
 from .base import ModelKind, StepState
 
 __all__ = ["ScaleLatents", "UserKind", "check_pair", "observed_site", "sample_from_model"]

@@ -4,10 +4,10 @@ r"""The VAE kind: :class:`~ppl_vae.vae.VAE` trained on one mini-batch per step.
     + \beta_t (\log p(z) - \log q(z \mid x))\big]
 
 summed over the batch (the estimator's ``differentiable_loss``, through the fast path of
-:func:`ppl_vae.fastpath.build_loss` where it applies), with the KL weight :math:`\beta_t` of the
+:func:`ppl_vae.inference.fastpath.build_loss` where it applies), with the KL weight :math:`\beta_t` of the
 trainer's schedule applied as ``poutine.scale`` on the ``z`` site. Validation: the ELBO per
 point of the validation split with one sample. Test: the ELBO and the importance-sampled
-:math:`\log p(x)` (:func:`ppl_vae.scoring.score`), bits per dimension where defined, and the
+:math:`\log p(x)` (:func:`ppl_vae.inference.scoring.score`), bits per dimension where defined, and the
 prior's own summary of the codes.
 """
 
@@ -23,8 +23,8 @@ import torch
 
 from ..config import FitConfig
 from ..data import Dataset
-from ..fastpath import build_loss
-from ..scoring import Scores, bits_per_dim, mean_elbo, score, write_scores_csv
+from ..inference.fastpath import build_loss
+from ..inference.scoring import Scores, bits_per_dim, mean_elbo, score, write_scores_csv
 from ..vae import VAE
 from .base import ModelKind, StepState
 

@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import checkpoint as ckpt
-from .. import distributed
+from . import checkpoint as ckpt
+from . import distributed
 from ..config import ConfigFile, write_text_atomic
 from ..models.errors import ConfigError
 

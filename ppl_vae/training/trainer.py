@@ -15,7 +15,7 @@ The trainer knows no kind by name. It owns what every run shares:
   random state and the kind's batch order, so that a resumed run continues to exactly the result
   an uninterrupted one gives on CPU;
 - DistributedDataParallel under ``torchrun``: the whole step loss is computed inside the wrapped
-  module's forward (:mod:`ppl_vae.distributed`);
+  module's forward (:mod:`ppl_vae.training.distributed`);
 - callbacks (:mod:`ppl_vae.training.callbacks`), the only way anything else hooks into an epoch.
 """
 
@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint as ckpt
-from .. import distributed
 from ..kinds.base import ModelKind, StepState
 from ..models.errors import ConfigError
-from ..optim import make_adam
+from . import checkpoint as ckpt
+from . import distributed
 from .callbacks import Callback, CallbackList
+from .optim import make_adam
 
 __all__ = ["Settings", "Trainer", "TrainingError", "history_text", "write_history_csv"]
 

@@ -12,7 +12,7 @@ import torch
 
 from ppl_vae import ConfigError, build_vae, estimator_names, make_elbo, score
 from ppl_vae.components import available
-from ppl_vae.scoring import log_weights
+from ppl_vae.inference.scoring import log_weights
 
 #: prior name -> constructor options used here.
 CATALOGUE: dict[str, dict] = {

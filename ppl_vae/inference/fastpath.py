@@ -71,8 +71,8 @@ from pyro.distributions.torch_distribution import (
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import prune_subsample_sites
 
+from ..vae import VAE
 from . import estimators
-from .vae import VAE
 
 __all__ = ["FastELBOLoss", "build_loss", "served_estimator"]
 
@@ -334,7 +334,7 @@ def build_loss(
     .. math:: \mathcal{L}(x) = \texttt{elbo.differentiable\_loss(vae.model, vae.guide, x)}
 
     Args:
-        elbo: the estimator (see :func:`~ppl_vae.estimators.make_elbo`).
+        elbo: the estimator (see :func:`~ppl_vae.inference.estimators.make_elbo`).
         vae: the model/guide pair.
         fast: use :class:`FastELBOLoss` where it applies (``trace`` and ``meanfield`` on
             this engine's :class:`~ppl_vae.vae.VAE`).

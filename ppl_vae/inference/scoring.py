@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from ..models.errors import ConfigError
 from .estimators import log_importance_weights
-from .models.errors import ConfigError
 
 
 def log_weights(
@@ -33,7 +33,7 @@ def log_weights(
 
     ``model`` and ``guide`` put the batch in ``pyro.plate("data", dim=-1)``; the particles go in
     a plate at dim -2. Unscaled (``poutine.scale`` is ignored), masks honoured; see
-    :func:`ppl_vae.estimators.log_likelihood` for the conventions.
+    :func:`ppl_vae.inference.estimators.log_likelihood` for the conventions.
     """
     return log_importance_weights(model, guide, (x,), {}, num_samples, 1)
 
@@ -113,7 +113,7 @@ def bits_per_dim(likelihood: Any, log_likelihood: float, num_levels: int | None)
     scaled to [0, 1], the change of variables to the integer grid adds :math:`\log_2(L - 1)`
     per dimension (see :func:`ppl_vae.models.likelihoods.units.bits_per_dim`). None otherwise.
     """
-    from .models.likelihoods.units import bits_per_dim as _bpd
+    from ..models.likelihoods.units import bits_per_dim as _bpd
 
     dims = int(torch.Size(likelihood.data_shape).numel())
     if likelihood.support.is_discrete:
@@ -136,7 +136,7 @@ def write_scores_csv(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Per-point scores: ``index,label,elbo,log_likelihood`` (higher = more typical)."""
-    from .config import write_text_atomic
+    from ..config import write_text_atomic
 
     rows = [["index", "label", "elbo", "log_likelihood"]]
     elbo = scores.elbo.cpu().tolist()

@@ -83,7 +83,7 @@ from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, tor
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 
-from .models.errors import ConfigError
+from ..models.errors import ConfigError
 
 __all__ = [
     "IWAE_ELBO",

@@ -28,7 +28,7 @@ r"""Comparing ELBO estimators on one model, one data split, one set of seeds.
 
 Every run of a seed starts from the same weights: ``fit`` seeds all generators with the run's
 seed before it builds the model, the model is built before the estimator, and
-:func:`~ppl_vae.estimators.make_elbo` draws no random numbers. ``init_digest`` (a hash of the
+:func:`~ppl_vae.inference.estimators.make_elbo` draws no random numbers. ``init_digest`` (a hash of the
 initial weights) is in ``compare.csv`` so this can be checked. The data split is fixed by
 ``data_seed`` (the config's ``seed``) for all runs; the gradient batch is fixed for all runs.
 When the likelihood needs binary data and the data are not binary, ``fit`` binarises the test
@@ -74,13 +74,12 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
-from .config import FitConfig, write_text_atomic
-from .data import Dataset
-from .estimators import make_elbo, parse_estimator
-from .models.errors import ConfigError
-from .optim import make_adam
-from .scoring import log_weights, mean_elbo
-from .train import (
+from ..config import FitConfig, write_text_atomic
+from ..data import Dataset
+from ..inference.estimators import make_elbo, parse_estimator
+from ..inference.scoring import log_weights, mean_elbo
+from ..models.errors import ConfigError
+from ..train import (
     TrainingError,
     build_config_model,
     build_config_vae,
@@ -90,7 +89,8 @@ from .train import (
     prepare_data,
     resolve_device,
 )
-from .vae import VAE
+from ..training.optim import make_adam
+from ..vae import VAE
 
 __all__ = [
     "CompareResult",

@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .models.errors import ConfigError
+from ..models.errors import ConfigError
 
 __all__ = [
     "DUMP_ENV",

@@ -26,19 +26,19 @@ import numpy as np
 import pyro
 import torch
 
-from . import checkpoint as ckpt
-from .config import ConfigFile, FitConfig, load_run_config, run_kind, write_text_atomic
-from .data import Dataset, load_data
-from .models.errors import ConfigError
-from .scoring import Scores, bits_per_dim, score, write_scores_csv
-from .train import (
+from ..config import ConfigFile, FitConfig, load_run_config, run_kind, write_text_atomic
+from ..data import Dataset, load_data
+from ..inference.scoring import Scores, bits_per_dim, score, write_scores_csv
+from ..models.errors import ConfigError
+from ..train import (
     build_config_model,
     build_config_vae,
     load_config_data,
     prepare_data,
     resolve_device,
 )
-from .vae import VAE
+from ..training import checkpoint as ckpt
+from ..vae import VAE
 
 __all__ = ["Run", "evaluate", "load_run"]
 
@@ -125,7 +125,7 @@ def _load_vae_run(run_dir: Path, dev: torch.device, test_data: str | None) -> Ru
 
 
 def _load_m2_run(run_dir: Path, dev: torch.device, test_data: str | None) -> Run:
-    from .ssl import SSLConfig, build_ssl_run
+    from ..ssl import SSLConfig, build_ssl_run
 
     cfg = load_run_config(run_dir / "config.toml")
     assert isinstance(cfg, SSLConfig)
@@ -302,7 +302,7 @@ def _evaluate_vae(
 def _evaluate_m2(
     run: Run, num_samples: int | None, test_data: str | None
 ) -> tuple[dict[str, Any], Scores, torch.Tensor | None]:
-    from .kinds.m2 import LOG_LIKELIHOOD_SAMPLES, evaluation_metrics
+    from ..kinds.m2 import LOG_LIKELIHOOD_SAMPLES, evaluation_metrics
 
     cfg, ds = run.config, run.dataset
     k = num_samples if num_samples is not None else LOG_LIKELIHOOD_SAMPLES

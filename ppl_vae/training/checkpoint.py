@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models.errors import ConfigError
+from ..models.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"

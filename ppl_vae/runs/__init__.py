@@ -1,0 +1,6 @@
+r"""Run directories after training: reopening one of any kind (:mod:`.reopen`: ``load_run``,
+``evaluate``) and comparing estimators across runs (:mod:`.compare`)."""
+
+from .reopen import Run, evaluate, load_run
+
+__all__ = ["Run", "evaluate", "load_run"]
