@@ -88,7 +88,7 @@ from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import ppl_vae.train as train_module
+import ppl_vae.kinds.vae as train_module  # the VAE kind: its validation and its step loss
 from ppl_vae import Dataset, build_vae, fit, load_data, score
 from ppl_vae.inference.fastpath import build_loss
 
