@@ -181,6 +181,8 @@ class RunConfig(ConfigFile):
     lr_schedule: str | None = None  # a torch.optim.lr_scheduler class, stepped once per epoch
     lr_schedule_args: dict[str, Any] = field(default_factory=dict)
     clip_norm: float | None = None
+    # evaluation
+    latent_diagnostics: bool = True  # per-epoch KL per dimension, recon term, active units
     # execution
     device: str = "auto"
     seed: int = 0
@@ -257,11 +259,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     import os
 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, a kill: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _toml_value(v: Any) -> str:

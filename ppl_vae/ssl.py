@@ -68,6 +68,7 @@ from .models.likelihoods.base import Likelihood
 from .models.priors.base import Prior
 from .training import Callback, Settings, Trainer, distributed
 from .training import checkpoint as ckpt
+from .training.diagnostics import LatentDiagnostics
 from .training.optim import make_adam
 from .training.rundir import load_resume_state, prepare_run_dir, resolve_config
 from .training.setup import initialize_from_data, prepare_data, resolve_device
@@ -941,7 +942,9 @@ def _fit_ssl(
         device=device,
         run_dir=run_dir,
         config=cfg.to_dict(),
-        callbacks=callbacks,
+        callbacks=[LatentDiagnostics(), *(callbacks or [])]
+        if cfg.latent_diagnostics
+        else callbacks,
         quiet=quiet,
     )
     if resume:

@@ -34,6 +34,7 @@ from .kinds.vae import FitResult, VAEKind
 from .models.errors import ConfigError
 from .training import Callback, EpochFunction, Settings, Trainer, TrainingError, distributed
 from .training import checkpoint as ckpt
+from .training.diagnostics import LatentDiagnostics
 from .training.rundir import (
     RUN_FILES,
     config_as_dict,
@@ -309,6 +310,8 @@ def _fit(
     hooks = list(callbacks or [])
     if on_epoch_end is not None:
         hooks.insert(0, EpochFunction(on_epoch_end))
+    if cfg.latent_diagnostics:
+        hooks.insert(0, LatentDiagnostics())
     trainer = Trainer(
         kind,
         Settings(

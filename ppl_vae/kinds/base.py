@@ -123,6 +123,12 @@ class ModelKind:
         return {}
 
     # -- reports -----------------------------------------------------------------------------
+    def diagnostic_batch(self, max_points: int) -> Any:
+        """The validation data ``model(x)``/``guide(x)`` take, at most ``max_points`` of them,
+        for the latent diagnostics (:mod:`ppl_vae.training.diagnostics`); None: none."""
+        val = getattr(self, "val_x", None)
+        return None if val is None or len(val) == 0 else val[:max_points]
+
     def validate(self) -> dict[str, float]:
         """Validation metrics, including :attr:`monitor` (run on rank 0 only)."""
         raise NotImplementedError

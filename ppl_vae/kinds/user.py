@@ -193,9 +193,7 @@ class UserKind(ModelKind):
         summary = self.scores.summary()
         x = self.test_x[:8]
         guide_trace = poutine.trace(self.module.guide).get_trace(x)
-        latent = sorted(
-            n for n, s in _sample_sites(guide_trace).items() if not s["is_observed"]
-        )
+        latent = sorted(n for n, s in _sample_sites(guide_trace).items() if not s["is_observed"])
         return {
             "test_elbo": summary["elbo"],
             "test_log_likelihood": summary["log_likelihood"],
@@ -209,9 +207,7 @@ class UserKind(ModelKind):
             "train_seconds": train_seconds,
             "final_val_elbo": history[-1]["val_elbo"] if history else float("nan"),
             "best_val_elbo": max(h["val_elbo"] for h in history) if history else float("nan"),
-            "best_epoch": int(max(history, key=lambda h: h["val_elbo"])["epoch"])
-            if history
-            else 0,
+            "best_epoch": int(max(history, key=lambda h: h["val_elbo"])["epoch"]) if history else 0,
             "estimator": cfg.estimator,
             "binarization": "dynamic" if self.dynamic else cfg.binarize,
             "num_parameters": sum(p.numel() for p in self.module.parameters()),
