@@ -14,10 +14,10 @@ import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import checkpoint as ckpt
-from . import distributed
 from ..config import ConfigFile, write_text_atomic
 from ..models.errors import ConfigError
+from . import checkpoint as ckpt
+from . import distributed
 
 __all__ = [
     "RUN_DIRS",
