@@ -327,3 +327,116 @@ def _positive(cfg: Any, *names: str) -> None:
         v = getattr(cfg, name)
         if not v > 0:
             raise ConfigError(f"`{name}` must be positive, got {v}")
+
+
+#: The baselines ``ppl-vae ssl`` can train beside M2.
+BASELINES = ("supervised",)
+
+
+@dataclass
+class SSLConfig(RunConfig):
+    r"""Everything that defines a semi-supervised run; every field has a default (digits, M2).
+
+    The options every training command shares are those of :class:`~ppl_vae.config.RunConfig`
+    (defaults changed here: ``likelihood="auto"``, ``latent_dim=16``, ``epochs=100``). The
+    fields of M2:
+
+    Attributes:
+        labels: number of labelled training examples (class-balanced, chosen by ``seed``), or
+            ``"all"`` for a conditional VAE on fully labelled data.
+        num_classes: K; ``None`` takes the data set's.
+        svhn_extra: append SVHN's ``extra`` split (531,131 images) to the training set.
+        label_guide: the strategy for unobserved labels: ``enumerate``, ``relaxed``, ``sample`` or
+            ``file.py:Class``.
+        label_guide_args: options of the label guide (``hidden_dims``, ``dropout``,
+            ``initial_temperature``, ...).
+        alpha: weight of the classification loss, :math:`\alpha_\text{paper}/N` (:mod:`ppl_vae.ssl`
+            docstring); Kingma et al. use 0.1. What matters in practice is the weight per
+            labelled point, :math:`\alpha N / N_l`: the paper's MNIST setting gives
+            0.1 x 50000 / 100 = 50; on digits with 50 labels, alpha = 10 (259 per labelled
+            point) had the best validation accuracy of {1, 3, 10} in the tuning protocol of
+            ``benchmarks/ssl_digits.py``, alpha = 3 (78) within 0.003 of it; in its third
+            stage (latent 32, 200 epochs) alpha = 100 tied with 10 and 30 was 0.002 lower.
+        class_probs: :math:`\pi` of :math:`p(y)`; empty for uniform.
+        likelihood: a likelihood name, or ``"auto"``: ``discretized-logistic`` for quantised
+            data with more than two levels (8-bit images, digits), ``bernoulli`` for binary data,
+            ``continuous-bernoulli`` for other data in [0, 1], else ``normal``.
+        labelled_batch_size: labelled points per step (default ``batch_size``, at most the
+            number of labels).
+        elbo_samples: z samples per class for the test ELBO.
+        baseline: ``"supervised"`` also trains the same classifier on the labelled subset alone.
+        baseline_patience: stop the baseline after this many epochs without a better
+            validation accuracy (``None``: train the whole budget); its best epoch is kept.
+        baseline_lr: the baseline's Adam learning rate (``None``: ``lr``).
+        baseline_epochs: the baseline's budget in epochs of ``steps_per_epoch`` labelled
+            mini-batches (``None``: ``epochs``).
+        baseline_dropout: the baseline classifier's dropout (``None``: that of
+            ``label_guide_args``, default 0). The baseline has its own optimisation settings so
+            that it can be tuned on validation accuracy as the M2 model is, rather than
+            inheriting the M2 model's.
+    """
+
+    _toml_header = (
+        "# ppl-vae ssl configuration; `ppl-vae ssl --config THIS_FILE` reproduces the run"
+    )
+    command = "ssl"
+    kinds = ("m2",)
+
+    # shared fields with other defaults
+    likelihood: str = "auto"
+    latent_dim: int = 16
+    epochs: int = 100
+    # data
+    svhn_extra: bool = False
+    labels: int | str = 100
+    num_classes: int | None = None
+    # model
+    label_guide: str = "enumerate"
+    label_guide_args: dict[str, Any] = field(default_factory=dict)
+    alpha: float = 0.1
+    class_probs: list[float] = field(default_factory=list)
+    # optimisation
+    labelled_batch_size: int | None = None
+    # evaluation
+    elbo_samples: int = 10
+    baseline: str | None = None
+    baseline_patience: int | None = None
+    baseline_lr: float | None = None
+    baseline_epochs: int | None = None
+    baseline_dropout: float | None = None
+
+    def validate(self) -> None:
+        """Check types and ranges; raise :class:`ConfigError` naming the field and the value."""
+        super().validate()
+        if isinstance(self.labels, bool) or not (
+            (isinstance(self.labels, int) and self.labels > 0) or self.labels == "all"
+        ):
+            raise ConfigError(f"`labels` must be a positive integer or 'all', got {self.labels!r}")
+        if not self.elbo_samples > 0:
+            raise ConfigError(f"`elbo_samples` must be positive, got {self.elbo_samples}")
+        for name in ("num_classes", "labelled_batch_size", "baseline_patience", "baseline_epochs"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"`{name}` must be positive, got {v}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"`num_classes` must be at least 2, got {self.num_classes}")
+        if self.baseline_lr is not None and not 0 < self.baseline_lr <= FLOAT32_MAX:
+            raise ConfigError(f"`baseline_lr` must be a finite number > 0, got {self.baseline_lr}")
+        if self.baseline_dropout is not None and not 0 <= self.baseline_dropout < 1:
+            raise ConfigError(
+                f"`baseline_dropout` must be a number in [0, 1), got {self.baseline_dropout}"
+            )
+        if not 0 <= self.alpha <= FLOAT32_MAX:
+            raise ConfigError(f"`alpha` must be a finite number >= 0, got {self.alpha}")
+        if self.class_probs:
+            ok = all(
+                isinstance(p, int | float) and not isinstance(p, bool) and p > 0
+                for p in self.class_probs
+            )
+            if not ok or not math.isclose(sum(self.class_probs), 1.0, abs_tol=1e-6):
+                raise ConfigError(
+                    "`class_probs` must be positive numbers summing to 1 (or empty for uniform), "
+                    f"got {self.class_probs}"
+                )
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ConfigError(f"`baseline` must be one of {list(BASELINES)}, got {self.baseline!r}")

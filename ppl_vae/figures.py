@@ -8,13 +8,17 @@ prior's path between two test points), plus the prior's own geometry figures.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from .ssl import SSLResult
 
 
 def _figure(*args: Any, **kwargs: Any) -> Figure:
@@ -158,4 +162,146 @@ def write_figures(
         )
     ]
     vae.train(was_training)
+    return paths
+
+
+# -- M2 (semi-supervised) runs ------------------------------------------------------------
+
+
+def confusion_figure(path: Path, confusion: np.ndarray, names: list[str], title: str) -> Path:
+    """The confusion matrix (rows: true class, columns: predicted), counts in the cells."""
+    k = confusion.shape[0]
+    fig = _figure(figsize=(1.0 + 0.5 * k, 0.8 + 0.5 * k))
+    ax = fig.add_subplot(1, 1, 1)
+    totals = np.maximum(confusion.sum(1, keepdims=True), 1)
+    im = ax.imshow(confusion / totals, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if confusion[i, j]:
+                colour = "white" if confusion[i, j] / totals[i, 0] > 0.5 else "black"
+                ax.text(
+                    j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7, color=colour
+                )
+    ax.set_xticks(range(k), names, fontsize=7, rotation=90 if max(map(len, names)) > 2 else 0)
+    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def accuracy_figure(
+    path: Path, history: list[dict[str, float]], baseline_history: list[dict[str, float]]
+) -> Path:
+    """Validation accuracy per epoch (and the baseline's), and the training losses."""
+    fig = _figure(figsize=(10, 4))
+    ax = fig.add_subplot(1, 2, 1)
+    ax.plot(
+        [h["epoch"] for h in history], [h["val_accuracy"] for h in history], label="M2: validation"
+    )
+    ax.plot(
+        [h["epoch"] for h in history],
+        [h["labelled_accuracy"] for h in history],
+        ls=":",
+        label="M2: labelled training points",
+    )
+    if baseline_history:
+        ax.plot(
+            [h["epoch"] for h in baseline_history],
+            [h["val_accuracy"] for h in baseline_history],
+            label="supervised baseline: validation",
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 2, 2)
+    epochs = [h["epoch"] for h in history]
+    for key, label in (
+        ("labelled_loss", "-L(x, y) per labelled point"),
+        ("unlabelled_loss", "-U(x) per unlabelled point"),
+    ):
+        values = [h[key] for h in history]
+        if any(math.isfinite(v) for v in values):
+            ax.plot(epochs, values, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per point (training estimate)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+@torch.no_grad()
+def write_ssl_figures(
+    result: SSLResult, test_x: torch.Tensor, pred: torch.Tensor, confusion: np.ndarray, n: int = 6
+) -> list[Path]:
+    """Confusion matrix, style/content grids and accuracy curves into ``run_dir/figures``."""
+    from .kinds.m2 import confusion_counts
+
+    model, ds = result.model, result.dataset
+    assert result.run_dir is not None
+    fig_dir = Path(result.run_dir) / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    k = model.num_classes
+    names = list(ds.class_names or [str(i) for i in range(k)])
+    model.eval()
+    acc = result.metrics["test_accuracy"]
+    paths = [
+        confusion_figure(fig_dir / "confusion.png", confusion, names, f"M2 test accuracy {acc:.3f}")
+    ]
+    if result.baseline is not None:
+        b_pred = result.baseline.predict(test_x)
+        b_conf = confusion_counts(b_pred, ds.test_y, k)
+        b_acc = result.metrics["baseline_test_accuracy"]
+        paths.append(
+            confusion_figure(
+                fig_dir / "confusion_baseline.png",
+                b_conf,
+                names,
+                f"supervised baseline {b_acc:.3f}",
+            )
+        )
+    eye = torch.eye(k, dtype=test_x.dtype, device=test_x.device)
+    # Style from test points: z = E[q(z | x, predicted y)], then every class with that z.
+    x = test_x[:n]
+    z = model.posterior_mean(x, pred[:n])
+    rows, titles = [], []
+    for i in range(len(x)):
+        imgs = model.decode_mean(z[i].expand(k, -1), eye)
+        rows.append(_as_images(torch.cat([x[i : i + 1], imgs]), ds.image_shape))
+        titles.append(f"test point {i}, predicted {names[int(pred[i])]}")
+    paths.append(
+        image_grid(
+            fig_dir / "style_content.png",
+            rows,
+            titles,
+            suptitle=(
+                "style z = E[q(z | x, predicted y)] of a test point x (first column), "
+                f"then y = {', '.join(names)}"
+            ),
+        )
+    )
+    # Style from the prior: z ~ p(z) fixed along a row, y varies along it.
+    z = model.prior().sample((n,))
+    rows = [
+        _as_images(model.decode_mean(z[i].expand(k, -1), eye), ds.image_shape) for i in range(n)
+    ]
+    paths.append(
+        image_grid(
+            fig_dir / "class_samples.png",
+            rows,
+            suptitle=f"z ~ p(z) fixed per row; classes {', '.join(names)} along it (means)",
+        )
+    )
+    paths.append(accuracy_figure(fig_dir / "accuracy.png", result.history, result.baseline_history))
+    # Geometry figures of the prior, from codes of test points.
+    zs = model.posterior_mean(test_x[:2000], pred[:2000])
+    labels = ds.test_y[:2000]
+    paths += [Path(p) for p in model.prior.figures(zs.cpu(), labels.cpu(), fig_dir)]
     return paths

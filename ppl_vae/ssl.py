@@ -41,7 +41,6 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,13 +55,13 @@ from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 
 from .components import build as build_component
-from .config import FLOAT32_MAX, RunConfig
+from .config import SSLConfig
 from .data import Dataset, load_data
 from .guides.encoders import Encoder
 from .guides.labels.base import LabelGuide
 from .inference.estimators import log_likelihood as importance_log_likelihood
 from .inference.scoring import log_weights
-from .kinds.m2 import Cycler, M2Kind, confusion_counts, labelled_accuracy
+from .kinds.m2 import Cycler, M2Kind, labelled_accuracy
 from .models.errors import ConfigError
 from .models.likelihoods.base import Likelihood
 from .models.priors.base import Prior
@@ -86,122 +85,12 @@ __all__ = [
     "split_labelled",
 ]
 
-BASELINES = ("supervised",)
 SSL_RUN_FILES = ("baseline_history.csv", ckpt.BEST)
 
 
 # ---------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SSLConfig(RunConfig):
-    r"""Everything that defines a semi-supervised run; every field has a default (digits, M2).
-
-    The options every training command shares are those of :class:`~ppl_vae.config.RunConfig`
-    (defaults changed here: ``likelihood="auto"``, ``latent_dim=16``, ``epochs=100``). The
-    fields of M2:
-
-    Attributes:
-        labels: number of labelled training examples (class-balanced, chosen by ``seed``), or
-            ``"all"`` for a conditional VAE on fully labelled data.
-        num_classes: K; ``None`` takes the data set's.
-        svhn_extra: append SVHN's ``extra`` split (531,131 images) to the training set.
-        label_guide: the strategy for unobserved labels: ``enumerate``, ``relaxed``, ``sample`` or
-            ``file.py:Class``.
-        label_guide_args: options of the label guide (``hidden_dims``, ``dropout``,
-            ``initial_temperature``, ...).
-        alpha: weight of the classification loss, :math:`\alpha_\text{paper}/N` (module
-            docstring); Kingma et al. use 0.1. What matters in practice is the weight per
-            labelled point, :math:`\alpha N / N_l`: the paper's MNIST setting gives
-            0.1 x 50000 / 100 = 50; on digits with 50 labels, alpha = 10 (259 per labelled
-            point) had the best validation accuracy of {1, 3, 10} in the tuning protocol of
-            ``benchmarks/ssl_digits.py``, alpha = 3 (78) within 0.003 of it; in its third
-            stage (latent 32, 200 epochs) alpha = 100 tied with 10 and 30 was 0.002 lower.
-        class_probs: :math:`\pi` of :math:`p(y)`; empty for uniform.
-        likelihood: a likelihood name, or ``"auto"``: ``discretized-logistic`` for quantised
-            data with more than two levels (8-bit images, digits), ``bernoulli`` for binary data,
-            ``continuous-bernoulli`` for other data in [0, 1], else ``normal``.
-        labelled_batch_size: labelled points per step (default ``batch_size``, at most the
-            number of labels).
-        elbo_samples: z samples per class for the test ELBO.
-        baseline: ``"supervised"`` also trains the same classifier on the labelled subset alone.
-        baseline_patience: stop the baseline after this many epochs without a better
-            validation accuracy (``None``: train the whole budget); its best epoch is kept.
-        baseline_lr: the baseline's Adam learning rate (``None``: ``lr``).
-        baseline_epochs: the baseline's budget in epochs of ``steps_per_epoch`` labelled
-            mini-batches (``None``: ``epochs``).
-        baseline_dropout: the baseline classifier's dropout (``None``: that of
-            ``label_guide_args``, default 0). The baseline has its own optimisation settings so
-            that it can be tuned on validation accuracy as the M2 model is, rather than
-            inheriting the M2 model's.
-    """
-
-    _toml_header = (
-        "# ppl-vae ssl configuration; `ppl-vae ssl --config THIS_FILE` reproduces the run"
-    )
-    command = "ssl"
-    kinds = ("m2",)
-
-    # shared fields with other defaults
-    likelihood: str = "auto"
-    latent_dim: int = 16
-    epochs: int = 100
-    # data
-    svhn_extra: bool = False
-    labels: int | str = 100
-    num_classes: int | None = None
-    # model
-    label_guide: str = "enumerate"
-    label_guide_args: dict[str, Any] = field(default_factory=dict)
-    alpha: float = 0.1
-    class_probs: list[float] = field(default_factory=list)
-    # optimisation
-    labelled_batch_size: int | None = None
-    # evaluation
-    elbo_samples: int = 10
-    baseline: str | None = None
-    baseline_patience: int | None = None
-    baseline_lr: float | None = None
-    baseline_epochs: int | None = None
-    baseline_dropout: float | None = None
-
-    def validate(self) -> None:
-        """Check types and ranges; raise :class:`ConfigError` naming the field and the value."""
-        super().validate()
-        if isinstance(self.labels, bool) or not (
-            (isinstance(self.labels, int) and self.labels > 0) or self.labels == "all"
-        ):
-            raise ConfigError(f"`labels` must be a positive integer or 'all', got {self.labels!r}")
-        if not self.elbo_samples > 0:
-            raise ConfigError(f"`elbo_samples` must be positive, got {self.elbo_samples}")
-        for name in ("num_classes", "labelled_batch_size", "baseline_patience", "baseline_epochs"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"`{name}` must be positive, got {v}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise ConfigError(f"`num_classes` must be at least 2, got {self.num_classes}")
-        if self.baseline_lr is not None and not 0 < self.baseline_lr <= FLOAT32_MAX:
-            raise ConfigError(f"`baseline_lr` must be a finite number > 0, got {self.baseline_lr}")
-        if self.baseline_dropout is not None and not 0 <= self.baseline_dropout < 1:
-            raise ConfigError(
-                f"`baseline_dropout` must be a number in [0, 1), got {self.baseline_dropout}"
-            )
-        if not 0 <= self.alpha <= FLOAT32_MAX:
-            raise ConfigError(f"`alpha` must be a finite number >= 0, got {self.alpha}")
-        if self.class_probs:
-            ok = all(
-                isinstance(p, int | float) and not isinstance(p, bool) and p > 0
-                for p in self.class_probs
-            )
-            if not ok or not math.isclose(sum(self.class_probs), 1.0, abs_tol=1e-6):
-                raise ConfigError(
-                    "`class_probs` must be positive numbers summing to 1 (or empty for uniform), "
-                    f"got {self.class_probs}"
-                )
-        if self.baseline is not None and self.baseline not in BASELINES:
-            raise ConfigError(f"`baseline` must be one of {list(BASELINES)}, got {self.baseline!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1043,151 +932,3 @@ def train_supervised(
     classifier.load_state_dict(best_state)
     classifier.eval()
     return history, best_epoch
-
-
-# ---------------------------------------------------------------------------------------------
-# figures
-# ---------------------------------------------------------------------------------------------
-
-
-def confusion_figure(path: Path, confusion: np.ndarray, names: list[str], title: str) -> Path:
-    """The confusion matrix (rows: true class, columns: predicted), counts in the cells."""
-    from .figures import _figure
-
-    k = confusion.shape[0]
-    fig = _figure(figsize=(1.0 + 0.5 * k, 0.8 + 0.5 * k))
-    ax = fig.add_subplot(1, 1, 1)
-    totals = np.maximum(confusion.sum(1, keepdims=True), 1)
-    im = ax.imshow(confusion / totals, cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            if confusion[i, j]:
-                colour = "white" if confusion[i, j] / totals[i, 0] > 0.5 else "black"
-                ax.text(
-                    j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7, color=colour
-                )
-    ax.set_xticks(range(k), names, fontsize=7, rotation=90 if max(map(len, names)) > 2 else 0)
-    ax.set_yticks(range(k), names, fontsize=7)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="fraction of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def accuracy_figure(
-    path: Path, history: list[dict[str, float]], baseline_history: list[dict[str, float]]
-) -> Path:
-    """Validation accuracy per epoch (and the baseline's), and the training losses."""
-    from .figures import _figure
-
-    fig = _figure(figsize=(10, 4))
-    ax = fig.add_subplot(1, 2, 1)
-    ax.plot(
-        [h["epoch"] for h in history], [h["val_accuracy"] for h in history], label="M2: validation"
-    )
-    ax.plot(
-        [h["epoch"] for h in history],
-        [h["labelled_accuracy"] for h in history],
-        ls=":",
-        label="M2: labelled training points",
-    )
-    if baseline_history:
-        ax.plot(
-            [h["epoch"] for h in baseline_history],
-            [h["val_accuracy"] for h in baseline_history],
-            label="supervised baseline: validation",
-        )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax = fig.add_subplot(1, 2, 2)
-    epochs = [h["epoch"] for h in history]
-    for key, label in (
-        ("labelled_loss", "-L(x, y) per labelled point"),
-        ("unlabelled_loss", "-U(x) per unlabelled point"),
-    ):
-        values = [h[key] for h in history]
-        if any(math.isfinite(v) for v in values):
-            ax.plot(epochs, values, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("nats per point (training estimate)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
-
-
-@torch.no_grad()
-def write_ssl_figures(
-    result: SSLResult, test_x: torch.Tensor, pred: torch.Tensor, confusion: np.ndarray, n: int = 6
-) -> list[Path]:
-    """Confusion matrix, style/content grids and accuracy curves into ``run_dir/figures``."""
-    from .figures import _as_images, image_grid
-
-    model, ds = result.model, result.dataset
-    assert result.run_dir is not None
-    fig_dir = Path(result.run_dir) / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    k = model.num_classes
-    names = list(ds.class_names or [str(i) for i in range(k)])
-    model.eval()
-    acc = result.metrics["test_accuracy"]
-    paths = [
-        confusion_figure(fig_dir / "confusion.png", confusion, names, f"M2 test accuracy {acc:.3f}")
-    ]
-    if result.baseline is not None:
-        b_pred = result.baseline.predict(test_x)
-        b_conf = confusion_counts(b_pred, ds.test_y, k)
-        b_acc = result.metrics["baseline_test_accuracy"]
-        paths.append(
-            confusion_figure(
-                fig_dir / "confusion_baseline.png",
-                b_conf,
-                names,
-                f"supervised baseline {b_acc:.3f}",
-            )
-        )
-    eye = torch.eye(k, dtype=test_x.dtype, device=test_x.device)
-    # Style from test points: z = E[q(z | x, predicted y)], then every class with that z.
-    x = test_x[:n]
-    z = model.posterior_mean(x, pred[:n])
-    rows, titles = [], []
-    for i in range(len(x)):
-        imgs = model.decode_mean(z[i].expand(k, -1), eye)
-        rows.append(_as_images(torch.cat([x[i : i + 1], imgs]), ds.image_shape))
-        titles.append(f"test point {i}, predicted {names[int(pred[i])]}")
-    paths.append(
-        image_grid(
-            fig_dir / "style_content.png",
-            rows,
-            titles,
-            suptitle=(
-                "style z = E[q(z | x, predicted y)] of a test point x (first column), "
-                f"then y = {', '.join(names)}"
-            ),
-        )
-    )
-    # Style from the prior: z ~ p(z) fixed along a row, y varies along it.
-    z = model.prior().sample((n,))
-    rows = [
-        _as_images(model.decode_mean(z[i].expand(k, -1), eye), ds.image_shape) for i in range(n)
-    ]
-    paths.append(
-        image_grid(
-            fig_dir / "class_samples.png",
-            rows,
-            suptitle=f"z ~ p(z) fixed per row; classes {', '.join(names)} along it (means)",
-        )
-    )
-    paths.append(accuracy_figure(fig_dir / "accuracy.png", result.history, result.baseline_history))
-    # Geometry figures of the prior, from codes of test points.
-    zs = model.posterior_mean(test_x[:2000], pred[:2000])
-    labels = ds.test_y[:2000]
-    paths += [Path(p) for p in model.prior.figures(zs.cpu(), labels.cpu(), fig_dir)]
-    return paths

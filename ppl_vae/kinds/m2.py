@@ -467,7 +467,8 @@ class M2Kind(ModelKind):
     def figures(
         self, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, float]]
     ) -> Sequence[Path]:
-        from ..ssl import SSLResult, write_ssl_figures
+        from ..figures import write_ssl_figures
+        from ..ssl import SSLResult
 
         assert self.predictions is not None and self.confusion is not None
         result = SSLResult(

@@ -156,7 +156,11 @@ class LatentDiagnostics(Callback):
             finally:
                 module.train(was)
 
-        row.update(trainer.ctx.on_main(measure))
+        columns = trainer.ctx.on_main(measure)
+        seconds = row.pop("seconds", None)
+        row.update(columns)
+        if seconds is not None:  # the epoch's time stays the last column
+            row["seconds"] = seconds
         if self.warn and not self.warned and trainer.ctx.is_main:
             self._maybe_warn(trainer, epoch, row)
 
