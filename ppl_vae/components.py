@@ -94,10 +94,22 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a file that calls sys.exit() is a failing file too
         del sys.modules[mod_name]
-        raise ConfigError(f"importing {str(path)!r} failed: {type(e).__name__}: {e}") from e
+        raise UserCodeError(
+            f"error in user component file {str(path)!r}: importing it failed: {_describe(e)}"
+        ) from e
     return module
+
+
+class UserCodeError(ConfigError):
+    """A user's component file failed (at import or in its constructor): one line naming the
+    file and class; ``PPL_VAE_DEBUG=1`` makes the command line print the full traceback."""
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _single_subclass(module: ModuleType, base: type, where: str) -> type:
@@ -217,7 +229,15 @@ def build(
     ]
     if missing:
         raise ConfigError(f"{kind} {cls.__name__} needs option(s) {missing}")
-    return cls(**kwargs)
+    if KINDS[kind].package is not None and cls.__module__.startswith(KINDS[kind].package + "."):
+        return cls(**kwargs)  # a built-in component: its errors are the library's own
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (Exception, SystemExit) as e:
+        where = spec if isinstance(spec, str) else spec_of(cls, kind)
+        raise UserCodeError(f"error in user component {where}: {_describe(e)}") from e
 
 
 def adopt(module: nn.Module) -> nn.Module:

@@ -700,8 +700,8 @@ def build_ssl_run(
 def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> dict[str, Any] | None:
     """The newest good checkpoint of a run being resumed (None: start again from epoch 0).
 
-    Checks ``epochs`` against the epochs done before anything in the directory changes; then
-    clears leftover temporary files and saves a raised ``epochs`` into ``config.toml``.
+    Checks ``epochs`` against the epochs done; changes nothing in the directory (that is
+    :func:`_update_resumed_run`'s, once the checkpoint has loaded into the model).
     """
     # warning: load_resume_state < _open_resumed_run < lambda < on_main < _fit_ssl < fit_ssl <
     # caller
@@ -711,6 +711,12 @@ def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> di
             f"checkpoint in {str(run_dir)!r} is not a resumable ppl-vae ssl checkpoint "
             "(no best_model/labelled_batches: written by another command or an older version)"
         )
+    return state
+
+
+def _update_resumed_run(run_dir: Path, cfg: SSLConfig, state: dict[str, Any] | None) -> None:
+    """Rank 0's writes of a resume, after the checkpoint loaded: clear leftover temporary files
+    and the outputs of the last evaluation, and save a raised ``epochs`` into ``config.toml``."""
     ckpt.remove_temporaries(run_dir)
     for name in ("metrics.json", *SSL_RUN_FILES[:1]):
         (run_dir / name).unlink(missing_ok=True)
@@ -718,7 +724,6 @@ def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> di
         (run_dir / ckpt.BEST).unlink(missing_ok=True)
     if cfg.epochs != SSLConfig.load(run_dir / "config.toml").epochs:
         cfg.save(run_dir / "config.toml")
-    return state
 
 
 def fit_ssl(
@@ -843,6 +848,7 @@ def _fit_ssl(
         state = ctx.on_main(lambda: _open_resumed_run(run_dir, cfg, where))
         if state is not None:
             trainer.load_state(state)
+        ctx.on_main(lambda: _update_resumed_run(run_dir, cfg, state))
     elif run_dir is not None:
 
         def start_run() -> None:

@@ -10,7 +10,9 @@ directory.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 
@@ -39,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        # Start-up imports the commands' modules: SIGINT here is an interruption like any other.
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("ppl-vae: interrupted", file=sys.stderr)
+        return 130
     from ..train import TrainingError
     from ..training.distributed import environment
 
@@ -55,9 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("default")
             return int(args.func(args) or 0)
     except ConfigError as e:
+        _debug_traceback(e)
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingError as e:
+        _debug_traceback(e)
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:
@@ -74,6 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except OSError as e:
+        # A fault of the environment (disk, permissions) that no earlier check caught.
+        _debug_traceback(e)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _debug_traceback(e: BaseException) -> None:
+    """With ``PPL_VAE_DEBUG=1`` the full traceback (e.g. of a failing user component) comes
+    before the one-line error."""
+    if os.environ.get("PPL_VAE_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(e, file=sys.stderr)

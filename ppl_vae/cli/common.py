@@ -19,6 +19,7 @@ __all__ = [
     "int_list",
     "key_values",
     "literal",
+    "out_path",
     "trackers_from_args",
 ]
 
@@ -48,6 +49,13 @@ def key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
             raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
         out[key.replace("-", "_")] = literal(value)
     return out
+
+
+def out_path(text: str) -> str:
+    """``--out``: a path, never empty (an empty one would silently mean "the default")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
+    return text
 
 
 def int_list(text: str) -> list[int]:

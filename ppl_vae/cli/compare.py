@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.errors import ConfigError
-from .common import EXIT_USAGE, Parser
+from .common import EXIT_USAGE, Parser, out_path
 from .fit import add_model_options, config_from_args
 
 DEFAULT_ESTIMATORS = "trace,meanfield,tracegraph,iwae:5,dreg:5,stl"
@@ -108,7 +108,7 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--fit-figures", action="store_true", help="let each run write fit's own figures"
     )
-    p.add_argument("--out", help="output directory (default runs/compare-TIMESTAMP)")
+    p.add_argument("--out", type=out_path, help="output directory (default runs/compare-TIMESTAMP)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier comparison in --out"
     )

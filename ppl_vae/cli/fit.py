@@ -3,6 +3,7 @@ r"""``ppl-vae fit``: train the built-in VAE, or a user's model/guide pair, and w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +16,7 @@ from .common import (
     add_tracker_option,
     int_list,
     key_values,
+    out_path,
     trackers_from_args,
 )
 
@@ -30,7 +32,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--config", help="a config.toml/.json to start from (flags override it)")
     add_model_options(p)
-    p.add_argument("--out", help="run directory (default runs/fit-TIMESTAMP)")
+    p.add_argument("--out", type=out_path, help="run directory (default runs/fit-TIMESTAMP)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
@@ -168,11 +170,21 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from ..config import FitConfig
-    from ..train import fit
 
     given = config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("fit-%Y%m%d-%H%M%S")
+    from ..training.distributed import environment
+    from ..training.rundir import run_dir_lock
+
+    # One process per run directory (under torchrun, rank 0 holds the lock for the job).
+    with run_dir_lock(out) if environment()[0] == 0 else contextlib.nullcontext():
+        return _fit(args, given, out)
+
+
+def _fit(args: argparse.Namespace, given: dict[str, Any], out: Path) -> int:
+    from ..config import FitConfig
+    from ..train import fit
+
     if args.resume:
         for flag, value in (("--config", args.config), ("--overwrite", args.overwrite)):
             if value:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.errors import ConfigError
+from .common import out_path
 
 __all__ = ["SAMPLES_PER_CLASS", "cmd_evaluate", "cmd_sample", "register"]
 
@@ -59,6 +60,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--out",
+        type=out_path,
         help="a .npy file (default RUN_DIR/samples_nN.npy, M2: samples_nN_per_class.npy; a .png "
         "is written beside it)",
     )

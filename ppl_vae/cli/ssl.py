@@ -10,6 +10,7 @@ has a default, so ``ppl-vae ssl`` alone runs on the built-in digits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -22,6 +23,7 @@ from .common import (
     add_tracker_option,
     int_list,
     key_values,
+    out_path,
     trackers_from_args,
 )
 
@@ -191,7 +193,7 @@ def register(subparsers: Any) -> None:
         type=int,
         help=f"random seed: splits, labelled subset, initialisation (default {d.seed})",
     )
-    p.add_argument("--out", help="run directory (default runs/ssl-TIMESTAMP)")
+    p.add_argument("--out", type=out_path, help="run directory (default runs/ssl-TIMESTAMP)")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -224,6 +226,16 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_ssl(args: argparse.Namespace) -> int:
     """Run ``ppl-vae ssl``: train, evaluate, print the accuracies and the run directory."""
+    from ..training.distributed import environment
+    from ..training.rundir import run_dir_lock
+
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("ssl-%Y%m%d-%H%M%S")
+    # One process per run directory (under torchrun, rank 0 holds the lock for the job).
+    with run_dir_lock(out) if environment()[0] == 0 else contextlib.nullcontext():
+        return _ssl(args, out)
+
+
+def _ssl(args: argparse.Namespace, out: Path) -> int:
     from ..ssl import SSLConfig, fit_ssl
 
     given = config_from_args(args)
@@ -241,7 +253,6 @@ def cmd_ssl(args: argparse.Namespace) -> int:
                 f"--resume uses the run's saved config; only --epochs and --device may be "
                 f"given, got {flags}"
             )
-        out = Path(args.out)
         result = fit_ssl(
             out=out, resume=True, quiet=args.quiet, callbacks=trackers_from_args(args), **given
         )
@@ -249,7 +260,6 @@ def cmd_ssl(args: argparse.Namespace) -> int:
         base = SSLConfig.load(args.config).to_dict() if args.config else {}
         base.update(given)
         cfg = SSLConfig.from_dict(base)
-        out = Path(args.out) if args.out else Path("runs") / time.strftime("ssl-%Y%m%d-%H%M%S")
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
         result = fit_ssl(

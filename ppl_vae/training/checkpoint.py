@@ -112,10 +112,14 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 def _write_temporary(path: Path, state: dict[str, Any]) -> Path:
     """``torch.save`` ``state`` to a temporary file beside ``path``, flushed and fsync'd."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # disk full, a kill: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 
@@ -162,17 +166,18 @@ def load_state_file(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # torch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose module
+        # ... is blocked" (os.system, eval, ...): code or objects, never a damaged file.
+        found = re.search(r"unsupported\s+(?:global:\s+)?GLOBAL\s+(\S+)", text, re.IGNORECASE)
         if found is not None:
             raise ConfigError(
                 f"checkpoint {str(path)!r} holds a pickled Python object ({found.group(1)}), not "
-                "only tensors and plain data; refused: checkpoints are loaded with "
-                "weights_only=True and no code in them is run"
+                "only tensors and plain data; refused: it holds code or objects that a safe load "
+                "(weights_only=True) does not run, and nothing in it was run"
             ) from None
-        detail = text.partition("WeightsUnpickler error:")[2].strip() or text
         raise ConfigError(
             f"checkpoint {str(path)!r} is truncated or corrupted "
-            f"(UnpicklingError: {_first_line(detail)})"
+            f"(UnpicklingError: {_unpickling_detail(text)})"
         ) from None
     except Exception as e:  # torch raises RuntimeError, EOFError, ...
         raise ConfigError(
@@ -233,6 +238,16 @@ def load_model_state(module: Any, state: dict[str, Any], where: str) -> None:
             f"checkpoint in {where} does not match the model its config builds: "
             f"{describe_load_error(e)}"
         ) from None
+
+
+def _unpickling_detail(text: str) -> str:
+    """The cause in torch's weights-only error, without its advice to load unsafely."""
+    detail = text.partition("WeightsUnpickler error:")[2].strip()
+    if not detail:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        lines = [ln for ln in lines if "weights_only" not in ln and "documentation" not in ln]
+        detail = lines[0] if lines else "unreadable pickle"
+    return _first_line(detail)
 
 
 def _first_line(e: BaseException | str) -> str:

@@ -145,18 +145,7 @@ class LatentDiagnostics(Callback):
         if batch is None:
             return
         module = trainer.module
-
-        def measure() -> dict[str, float]:
-            was = module.training
-            module.eval()
-            devices = [batch.device] if batch.is_cuda else []
-            try:
-                with torch.random.fork_rng(devices=devices):
-                    return self._columns(latent_terms(module.model, module.guide, batch))
-            finally:
-                module.train(was)
-
-        columns = trainer.ctx.on_main(measure)
+        columns = trainer.ctx.on_main(lambda: self._columns(self._measure(module, batch)))
         seconds = row.pop("seconds", None)
         row.update(columns)
         if seconds is not None:  # the epoch's time stays the last column
@@ -164,11 +153,29 @@ class LatentDiagnostics(Callback):
         if self.warn and not self.warned and trainer.ctx.is_main:
             self._maybe_warn(trainer, epoch, row)
 
+    @staticmethod
+    def _measure(module: Any, batch: torch.Tensor) -> dict[str, Any]:
+        """:func:`latent_terms` in eval mode, drawing nothing from the run's random streams."""
+        was = module.training
+        module.eval()
+        try:
+            with torch.random.fork_rng(devices=[batch.device] if batch.is_cuda else []):
+                return latent_terms(module.model, module.guide, batch)
+        finally:
+            module.train(was)
+
     def on_evaluated(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         """The last epoch's active units and KL per site, and how each KL was computed."""
-        if not trainer.history or not self.kl_method:
+        if not trainer.history:
             return
+        if not self.kl_method:  # resumed with no epoch left to train: measure once
+            batch = trainer.kind.diagnostic_batch(self.max_points)
+            if batch is None:
+                return
+            self._columns(self._measure(trainer.module, batch))
         last = trainer.history[-1]
+        if any(f"active_{name}" not in last for name in self.kl_method):
+            return  # a history written without the diagnostics
         metrics["latent"] = {
             name: {
                 "active_units": int(last[f"active_{name}"]),

@@ -8,9 +8,14 @@ shared by every command that trains (``fit``, ``ssl``) and knows no kind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,12 +25,15 @@ from . import checkpoint as ckpt
 from . import distributed
 
 __all__ = [
+    "LOCK",
     "RUN_DIRS",
     "RUN_FILES",
     "config_as_dict",
+    "is_run_dir",
     "load_resume_state",
     "prepare_run_dir",
     "resolve_config",
+    "run_dir_lock",
     "write_metrics",
 ]
 
@@ -42,15 +50,96 @@ RUN_FILES = (
 RUN_DIRS = ("figures", "tensorboard", "mlruns")
 
 
+#: The lock file of a run directory in use (held with ``fcntl.flock``, removed at release).
+LOCK = ".ppl-vae.lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: Path) -> Iterator[None]:
+    """Hold the lock of run directory ``out`` (created if missing) while the block runs.
+
+    A second process that asks for it refuses in one line. The kernel releases an
+    ``fcntl.flock`` when its holder dies, so a killed run never leaves a stale lock; a directory
+    this call created and nothing else filled is removed again.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    created = not out.exists()
+    path = out / LOCK
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _unwritable(out, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.stat(path).st_ino == os.fstat(fd).st_ino  # not a lock file just removed
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        if not held:
+            raise ConfigError(
+                f"run directory {str(out)!r} is in use by another ppl-vae process (it holds "
+                f"{LOCK}); wait for it to finish or choose another --out"
+            )
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+        if created:
+            try:
+                out.rmdir()  # only if empty
+            except OSError:
+                pass
+
+
+def _unwritable(out: Path, e: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot write the run directory {str(out)!r}: {e.strerror or e}"
+        + (" (a folder on the path is a file)" if e.errno == errno.ENOTDIR else "")
+        + (f" ({e.filename})" if e.filename and str(e.filename) != str(out) else "")
+    )
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run directory ppl-vae wrote: its ``config.toml`` starts with
+    ppl-vae's header or records a ``kind``."""
+    config = path / "config.toml"
+    try:
+        with open(config, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    lines = head.splitlines()
+    return bool(lines) and (
+        lines[0].startswith("# ppl-vae") or any(re.match(r"kind\s*=", ln) for ln in lines)
+    )
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Create ``out``; refuse to touch an existing run unless resuming or overwriting.
 
     Leftover temporary files of interrupted atomic writes do not make a directory a run; they
     are removed when a fresh run starts in it.
     """
+    try:
+        _prepare_run_dir(out, resume, overwrite)
+    except OSError as e:
+        # A read-only file system, no permission, a parent that is a file: before any training.
+        raise _unwritable(out, e) from None
+
+
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
-    existing = out.is_dir() and any(not ckpt.is_temporary(p) for p in out.iterdir())
+    existing = out.is_dir() and any(
+        not ckpt.is_temporary(p) and p.name != LOCK for p in out.iterdir()
+    )
     if resume:
         if not existing:
             raise ConfigError(f"nothing to resume: run directory {str(out)!r} is missing or empty")
@@ -59,6 +148,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                 f"nothing to resume: run directory {str(out)!r} has no config.toml (the run "
                 "stopped before it wrote one); start it again without --resume"
             )
+        _probe_writable(out)
         return
     if existing and not overwrite:
         raise ConfigError(
@@ -66,12 +156,27 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
             "--overwrite to replace it"
         )
     if existing:
+        if not is_run_dir(out):
+            raise ConfigError(
+                f"--overwrite replaces a run directory only, and {str(out)!r} is not a ppl-vae "
+                "run directory (no config.toml written by ppl-vae); nothing in it was changed: "
+                "choose another --out"
+            )
+        _probe_writable(out)  # before anything is deleted
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         for name in RUN_DIRS:
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    _probe_writable(out)
     ckpt.remove_temporaries(out)
+
+
+def _probe_writable(d: Path) -> None:
+    """Raise the ``OSError`` of writing in ``d`` (a read-only file system, no permission)."""
+    probe = d / f".ppl-vae-probe.tmp{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 C = TypeVar("C", bound=ConfigFile)
@@ -93,18 +198,26 @@ def resolve_config(
     if resume:
         if run_dir is None:
             raise ConfigError("resume=True needs the run directory `out`")
-        extra = sorted(k for k in options if k not in ("epochs", "device"))
-        if extra:
-            raise ConfigError(
-                f"resume uses the run's saved config; only `epochs` and `device` may change, "
-                f"got {extra}"
-            )
 
         def read_saved_config() -> dict[str, Any]:
             prepare_run_dir(run_dir, resume=True, overwrite=False)
             return cls.load(run_dir / "config.toml").to_dict()
 
         d = ctx.on_main(read_saved_config)
+        # Options equal to the saved ones (the interrupted command re-run with --resume) are
+        # accepted; a real change of anything but `epochs` and `device` is refused.
+        changed = []
+        for k in sorted(options):
+            if k in ("epochs", "device"):
+                continue
+            new = cls.from_dict({**d, k: options[k]}).to_dict().get(k, options[k])
+            if new != d.get(k):
+                changed.append(f"`{k}` {d.get(k)!r} -> {new!r}")
+        if changed:
+            raise ConfigError(
+                f"resume uses the run's saved config; only `epochs` and `device` may change, "
+                f"got {', '.join(changed)} (saved -> given)"
+            )
     else:
         d = config_as_dict(cls, config)
     d.update(options)

@@ -21,6 +21,7 @@ The trainer knows no kind by name. It owns what every run shares:
 
 from __future__ import annotations
 
+import errno
 import inspect
 import math
 import sys
@@ -172,6 +173,7 @@ class Trainer:
         self.step_loss = self.ctx.wrap(self.module, kind.loss, self.device)
         self.history: list[dict[str, float]] = []
         self.start_epoch = 0
+        self._checkpointed_epoch = 0
         self.best_epoch = 0
         self.best_value = -math.inf
         self.best_state: dict[str, torch.Tensor] | None = (
@@ -201,7 +203,7 @@ class Trainer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         ckpt.set_rng_state(state["rng"], self.kind.shuffle)
         self.history = [dict(h) for h in state["history"]]
-        self.start_epoch = int(state["epoch"])
+        self.start_epoch = self._checkpointed_epoch = int(state["epoch"])
         if "best_epoch" in state:
             self.best_epoch = int(state["best_epoch"])
             self.best_value = float(state[f"best_{self.kind.monitor}"])
@@ -229,12 +231,40 @@ class Trainer:
 
     def _write_epoch(self, epoch: int, improved: bool) -> None:
         assert self.run_dir is not None
+        try:
+            self._write_epoch_files(epoch, improved)
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a full disk as OSError or as "[enforce fail at
+            # inline_container.cc] unexpected pos" / "PytorchStreamWriter failed writing".
+            text = str(e)
+            if isinstance(e, RuntimeError) and not any(
+                s in text for s in ("inline_container", "PytorchStreamWriter", "unexpected pos")
+            ):
+                raise
+            full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or isinstance(
+                e, RuntimeError
+            )
+            good = self._checkpointed_epoch  # epoch's own, if only history.csv failed
+            last = (
+                f"the last good checkpoint is epoch {good}"
+                if good > 0
+                else "no checkpoint was written yet"
+            )
+            cause = "disk full" if full else f"{getattr(e, 'strerror', None) or e}"
+            raise TrainingError(
+                f"{cause} writing checkpoint at epoch {epoch} in {str(self.run_dir)!r}; {last}; "
+                "free space and continue with --resume"
+            ) from None
+
+    def _write_epoch_files(self, epoch: int, improved: bool) -> None:
+        assert self.run_dir is not None
         state = self.checkpoint_state(epoch)
         # best.pt first: a kill between the two writes replays this epoch on resume, which
         # writes the same best.pt again.
         if improved and self.best_state is not None:
             ckpt.save_state_atomic(self.run_dir / ckpt.BEST, state)
         ckpt.save_checkpoint(self.run_dir, state)
+        self._checkpointed_epoch = epoch
         write_history_csv(self.run_dir / "history.csv", self.history)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -259,6 +289,21 @@ class Trainer:
         def on_main() -> dict[str, Any]:
             train_seconds = sum(h["seconds"] for h in self.history)
             metrics = self.kind.evaluate(self.history, train_seconds)
+            bad = {
+                k: v
+                for k, v in metrics.items()
+                if k.startswith("test_") and isinstance(v, float) and not math.isfinite(v)
+            }
+            if bad:
+                where = (
+                    f"the last checkpoint (epoch {len(self.history)}) is in {str(self.run_dir)!r}"
+                    if self.run_dir is not None
+                    else "nothing was written"
+                )
+                raise TrainingError(
+                    f"non-finite test metrics {bad} after {len(self.history)} epochs; {where}. "
+                    "Try a lower --lr or --clip-norm."
+                )
             if self.ctx.enabled:
                 metrics["processes"] = self.ctx.world_size
             self.callbacks.on_evaluated(self, metrics)
@@ -316,6 +361,17 @@ class Trainer:
                 if self.lr_scheduler is not None:
                     row["lr"] = float(self.optimizer.param_groups[0]["lr"])
                 row["seconds"] = time.perf_counter() - t0
+                # Every batch loss can be finite while their sum (or the validation) is not.
+                # (A part with no data, e.g. M2's unlabelled loss with every label known, is NaN
+                # by design: the loss and the monitored metric are what must be finite.)
+                keys = (list(row)[1], kind.monitor)
+                bad = {k: row[k] for k in dict.fromkeys(keys) if not math.isfinite(row[k])}
+                if bad:
+                    raise TrainingError(
+                        nonfinite_message(
+                            f"non-finite epoch results {bad}", epoch, steps - 1, steps, self.run_dir
+                        )
+                    )
                 self.history.append(row)
                 value = row[kind.monitor]
                 self._step_lr_schedule(value)
