@@ -292,7 +292,10 @@ class Trainer:
             bad = {
                 k: v
                 for k, v in metrics.items()
-                if k.startswith("test_") and isinstance(v, float) and not math.isfinite(v)
+                if k.startswith("test_")
+                and not k.endswith("_se")  # one test point: no standard error, by design
+                and isinstance(v, float)
+                and not math.isfinite(v)
             }
             if bad:
                 where = (
@@ -450,9 +453,12 @@ class Trainer:
                 + f" ({str(e).splitlines()[0]})"
             ) from None
         # (loss, parts) of the global batch, summed over the shards
-        value = ctx.loss_value(
-            torch.cat([loss.detach().reshape(1), self.kind.parts.to(loss) * ctx.world_size])
-        )
+        if self.kind.part_names:
+            value = ctx.loss_value(
+                torch.cat([loss.detach().reshape(1), self.kind.parts.to(loss) * ctx.world_size])
+            )
+        else:  # the loss alone: no concatenation on the hot path
+            value = ctx.loss_value(loss.detach()).reshape(1)
         if not bool(torch.isfinite(value[0])):
             raise TrainingError(
                 nonfinite_message(
