@@ -375,6 +375,9 @@ def fit_options(device: torch.device) -> dict[str, Any]:
         figures=False,
         device=device.type,
         seed=0,
+        # The per-epoch latent diagnostics (an extra pass over the validation split, like the
+        # validation ELBO) are not part of a training step: off here, so steps/s compares steps.
+        latent_diagnostics=False,
     )
 
 
