@@ -88,7 +88,8 @@ from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import ppl_vae.kinds.vae as train_module  # the VAE kind: its validation and its step loss
+import ppl_vae.kinds.batched as batched_module  # the one-batch kinds: their validation
+import ppl_vae.kinds.vae as train_module  # the VAE kind: its step loss
 from ppl_vae import Dataset, build_vae, fit, load_data, score
 from ppl_vae.inference.fastpath import build_loss
 
@@ -388,7 +389,7 @@ def run_fit(
     clock = Clock(device)
     stamps: list[tuple[float, float]] = []
     validation: list[tuple[float, float]] = []
-    mean_elbo = train_module.mean_elbo
+    mean_elbo = batched_module.mean_elbo
 
     def timed_mean_elbo(*args: Any, **kwargs: Any) -> float:
         wall0, cpu0 = clock()
@@ -407,7 +408,7 @@ def run_fit(
         return losses[-1]
 
     with (
-        patched(train_module, "mean_elbo", timed_mean_elbo),
+        patched(batched_module, "mean_elbo", timed_mean_elbo),
         patched(train_module, "build_loss", loss_builder),
     ):
         result = fit(

@@ -103,8 +103,8 @@ def child(argv, log, stdout, stderr, slow):
 
     torch.save, os.replace = slow_save, slow_replace
     torch.optim.Adam.step = logged("step", torch.optim.Adam.step)
-    ppl_vae.kinds.vae.mean_elbo = logged("validate", ppl_vae.kinds.vae.mean_elbo)
-    ppl_vae.kinds.vae.score = logged("evaluate", ppl_vae.kinds.vae.score)
+    ppl_vae.kinds.batched.mean_elbo = logged("validate", ppl_vae.kinds.batched.mean_elbo)
+    ppl_vae.kinds.batched.score = logged("evaluate", ppl_vae.kinds.batched.score)
     ppl_vae.figures.write_figures = logged("figures", ppl_vae.figures.write_figures)
     mark("main")
     sys.argv = ["ppl-vae", *argv]

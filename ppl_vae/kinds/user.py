@@ -25,7 +25,6 @@ that is not the data, or a latent site the guide does not sample is a one-line e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
 from ..data import Dataset
-from ..inference.scoring import Scores, mean_elbo, score, write_scores_csv
 from ..models.errors import ConfigError
-from .base import ModelKind, StepState
+from .batched import BatchedKind
 
 __all__ = ["ScaleLatents", "UserKind", "check_pair", "observed_site", "sample_from_model"]
 
@@ -111,7 +109,7 @@ def observed_site(module: Any, x: torch.Tensor, trace: Any = None) -> str:
     )
 
 
-class UserKind(ModelKind):
+class UserKind(BatchedKind):
     """A user's model/guide pair as a model kind.
 
     Args:
@@ -125,7 +123,6 @@ class UserKind(ModelKind):
     """
 
     name = "user"
-    monitor = "val_elbo"
     restore_best = False
 
     def __init__(
@@ -138,86 +135,36 @@ class UserKind(ModelKind):
         dynamic: bool,
         device: torch.device,
     ) -> None:
-        super().__init__(module, cfg.seed)
-        self.elbo, self.cfg, self.dataset, self.device = elbo, cfg, dataset, device
-        self.train_x, self.val_x, self.test_x = splits
-        self.dynamic = dynamic
-        self._beta = 1.0
-        self._perm = torch.zeros(0, dtype=torch.long)
-        self.scores: Scores | None = None
+        super().__init__(module, cfg, dataset, splits, dynamic, device)
+        self.elbo = elbo
         check_pair(module, self.train_x[: min(8, len(self.train_x))])
 
-    # -- batches -----------------------------------------------------------------------------
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.train_x.shape[0] / self.cfg.batch_size)
-
-    def start_epoch(self, epoch: int, device: torch.device) -> None:
-        self._perm = torch.randperm(self.train_x.shape[0], generator=self.shuffle).to(device)
-
-    def batch(self, b: int, shard: Any) -> tuple[torch.Tensor]:
-        size = self.cfg.batch_size
-        x = self.train_x[shard(self._perm[b * size : (b + 1) * size])]
-        if self.dynamic:
-            x = torch.bernoulli(x)
-        return (x,)
-
     # -- objective ---------------------------------------------------------------------------
-    def begin_step(self, s: StepState) -> None:
-        self._beta = s.beta
-        super().begin_step(s)
-
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         model, guide = self.module.model, self.module.guide
         if self._beta != 1.0:
             model, guide = ScaleLatents(self._beta)(model), ScaleLatents(self._beta)(guide)
         return self.elbo.differentiable_loss(model, guide, x)
 
-    def train_columns(self, sums: torch.Tensor, steps: int) -> dict[str, float]:
-        return {"train_loss": float(sums[0]) / self.train_x.shape[0]}
-
-    def schedule_columns(self) -> dict[str, float]:
-        return {"kl_scale": self._beta}
-
     # -- reports -----------------------------------------------------------------------------
-    def validate(self) -> dict[str, float]:
-        return {"val_elbo": mean_elbo(self.module, self.val_x)}
-
     def evaluate(self, history: list[dict[str, float]], train_seconds: float) -> dict[str, Any]:
         cfg = self.cfg
-        self.scores = score(
-            self.module,
-            self.test_x,
-            num_samples=cfg.log_likelihood_samples,
-            chunk_size=cfg.log_likelihood_chunk,
-        )
-        summary = self.scores.summary()
-        x = self.test_x[:8]
-        guide_trace = poutine.trace(self.module.guide).get_trace(x)
+        metrics = self.score_test(history, train_seconds)
+        guide_trace = poutine.trace(self.module.guide).get_trace(self.test_x[:8])
         latent = sorted(n for n, s in _sample_sites(guide_trace).items() if not s["is_observed"])
-        return {
-            "test_elbo": summary["elbo"],
-            "test_log_likelihood": summary["log_likelihood"],
-            "test_log_likelihood_se": summary["log_likelihood_se"],
-            "log_likelihood_samples": cfg.log_likelihood_samples,
-            "units": "nats per data point",
-            "kind": self.name,
-            "model": cfg.model,
-            "latent_sites": latent,
-            "epochs": cfg.epochs,
-            "train_seconds": train_seconds,
-            "final_val_elbo": history[-1]["val_elbo"] if history else float("nan"),
-            "best_val_elbo": max(h["val_elbo"] for h in history) if history else float("nan"),
-            "best_epoch": int(max(history, key=lambda h: h["val_elbo"])["epoch"]) if history else 0,
-            "estimator": cfg.estimator,
-            "binarization": "dynamic" if self.dynamic else cfg.binarize,
-            "num_parameters": sum(p.numel() for p in self.module.parameters()),
-            "device": str(self.device),
-            "data": self.dataset.describe(),
-        }
-
-    def write_outputs(self, run_dir: Path, metrics: dict[str, Any]) -> None:
-        assert self.scores is not None
-        write_scores_csv(run_dir / "scores.csv", self.scores, self.dataset.test_y)
+        metrics.update(
+            {
+                "kind": self.name,
+                "model": cfg.model,
+                "latent_sites": latent,
+                "estimator": cfg.estimator,
+                "binarization": "dynamic" if self.dynamic else cfg.binarize,
+                "num_parameters": sum(p.numel() for p in self.module.parameters()),
+                "device": str(self.device),
+                "data": self.dataset.describe(),
+            }
+        )
+        return metrics
 
     @torch.no_grad()
     def figures(

@@ -13,7 +13,6 @@ prior's own summary of the codes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,10 @@ import torch
 from ..config import FitConfig
 from ..data import Dataset
 from ..inference.fastpath import build_loss
-from ..inference.scoring import Scores, bits_per_dim, mean_elbo, score, write_scores_csv
+from ..inference.scoring import Scores, bits_per_dim
 from ..vae import VAE
-from .base import ModelKind, StepState
+from .base import StepState
+from .batched import BatchedKind
 
 __all__ = ["FitResult", "VAEKind"]
 
@@ -49,7 +49,7 @@ class FitResult:
         return self.vae
 
 
-class VAEKind(ModelKind):
+class VAEKind(BatchedKind):
     """The VAE as a model kind.
 
     Args:
@@ -63,7 +63,6 @@ class VAEKind(ModelKind):
     """
 
     name = "vae"
-    monitor = "val_elbo"
     restore_best = False
 
     def __init__(
@@ -76,36 +75,12 @@ class VAEKind(ModelKind):
         dynamic: bool,
         device: torch.device,
     ) -> None:
-        super().__init__(vae, cfg.seed)
+        super().__init__(vae, cfg, dataset, splits, dynamic, device)
         self.vae = vae
-        self.cfg = cfg
-        self.dataset = dataset
-        self.train_x, self.val_x, self.test_x = splits
-        self.dynamic = dynamic
-        self.device = device
         self._loss: Callable[[torch.Tensor], torch.Tensor] = build_loss(elbo, vae)
-        self._beta = 1.0
-        self._perm = torch.zeros(0, dtype=torch.long)
-        self.scores: Scores | None = None
-
-    # -- batches -----------------------------------------------------------------------------
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.train_x.shape[0] / self.cfg.batch_size)
-
-    def start_epoch(self, epoch: int, device: torch.device) -> None:
-        n = self.train_x.shape[0]
-        self._perm = torch.randperm(n, generator=self.shuffle).to(device)
-
-    def batch(self, b: int, shard: Any) -> tuple[torch.Tensor]:
-        size = self.cfg.batch_size
-        x = self.train_x[shard(self._perm[b * size : (b + 1) * size])]
-        if self.dynamic:
-            x = torch.bernoulli(x)
-        return (x,)
 
     # -- objective ---------------------------------------------------------------------------
     def begin_step(self, s: StepState) -> None:
-        self._beta = s.beta
         self.vae.kl_scale = s.beta
         super().begin_step(s)
 
@@ -115,59 +90,32 @@ class VAEKind(ModelKind):
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         return self._loss(x)
 
-    def train_columns(self, sums: torch.Tensor, steps: int) -> dict[str, float]:
-        return {"train_loss": float(sums[0]) / self.train_x.shape[0]}
-
-    def schedule_columns(self) -> dict[str, float]:
-        return {"kl_scale": self._beta}
-
     # -- reports -----------------------------------------------------------------------------
-    def validate(self) -> dict[str, float]:
-        return {"val_elbo": mean_elbo(self.vae, self.val_x)}
-
     def evaluate(self, history: list[dict[str, float]], train_seconds: float) -> dict[str, Any]:
         """Test ELBO and log-likelihood with the run's summary; keeps the per-point scores."""
         vae, cfg, dataset = self.vae, self.cfg, self.dataset
-        self.scores = score(
-            vae,
-            self.test_x,
-            num_samples=cfg.log_likelihood_samples,
-            chunk_size=cfg.log_likelihood_chunk,
+        metrics = self.score_test(history, train_seconds)
+        metrics.update(
+            {
+                "prior": cfg.prior,
+                "likelihood": cfg.likelihood,
+                "estimator": cfg.estimator,
+                "latent_dim": cfg.latent_dim,
+                "binarization": "dynamic"
+                if self.dynamic
+                else ("static" if cfg.binarize == "static" else "none"),
+                "num_parameters": sum(p.numel() for p in vae.parameters()),
+                "device": str(self.device),
+                "data": dataset.describe(),
+            }
         )
-        summary = self.scores.summary()
-        metrics: dict[str, Any] = {
-            "test_elbo": summary["elbo"],
-            "test_log_likelihood": summary["log_likelihood"],
-            "test_log_likelihood_se": summary["log_likelihood_se"],
-            "log_likelihood_samples": cfg.log_likelihood_samples,
-            "units": "nats per data point",
-            "epochs": cfg.epochs,
-            "train_seconds": train_seconds,
-            "final_val_elbo": history[-1]["val_elbo"] if history else float("nan"),
-            "best_val_elbo": max(h["val_elbo"] for h in history) if history else float("nan"),
-            "best_epoch": int(max(history, key=lambda h: h["val_elbo"])["epoch"]) if history else 0,
-            "prior": cfg.prior,
-            "likelihood": cfg.likelihood,
-            "estimator": cfg.estimator,
-            "latent_dim": cfg.latent_dim,
-            "binarization": "dynamic"
-            if self.dynamic
-            else ("static" if cfg.binarize == "static" else "none"),
-            "num_parameters": sum(p.numel() for p in vae.parameters()),
-            "device": str(self.device),
-            "data": dataset.describe(),
-        }
-        bpd = bits_per_dim(vae.likelihood, summary["log_likelihood"], dataset.num_levels)
+        bpd = bits_per_dim(vae.likelihood, metrics["test_log_likelihood"], dataset.num_levels)
         if bpd is not None:
             metrics["test_bits_per_dim"] = bpd
         prior_summary = vae.prior.summary(vae.codes(self.test_x))
         if prior_summary:
             metrics["prior_summary"] = prior_summary
         return metrics
-
-    def write_outputs(self, run_dir: Path, metrics: dict[str, Any]) -> None:
-        assert self.scores is not None
-        write_scores_csv(run_dir / "scores.csv", self.scores, self.dataset.test_y)
 
     def figures(
         self, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, float]]
