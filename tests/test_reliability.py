@@ -350,3 +350,24 @@ def test_sigint_while_the_command_starts_is_interrupted(tmp_path):
     assert proc.returncode == 130
     assert err.strip() == "ppl-vae: interrupted", err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_figure_never_fails_or_loses_the_run(tmp_path, monkeypatch):
+    """The issue's uint8 (N, 2, 8, 8) case made matplotlib raise inside the figures: whatever
+    a figure raises, the run ends normally with its checkpoint, history and metrics."""
+    import json
+
+    import ppl_vae.figures
+    from ppl_vae import fit
+
+    def broken(*args, **kwargs):
+        raise TypeError("Invalid shape (8, 8, 2) for image data")
+
+    monkeypatch.setattr(ppl_vae.figures, "write_figures", broken)
+    run = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="writing the figures failed"):
+        result = fit(epochs=1, max_train=128, log_likelihood_samples=2, quiet=True, out=run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["figures_error"].startswith("TypeError: Invalid shape")
+    assert metrics["test_elbo"] == result.metrics["test_elbo"]
+    assert (run / "checkpoint.pt").is_file() and (run / "history.csv").is_file()

@@ -26,6 +26,7 @@ import inspect
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,10 +315,21 @@ class Trainer:
                 self.kind.write_outputs(self.run_dir, metrics)
                 write_metrics(self.run_dir, metrics)
                 if figures:
-                    paths = list(self.kind.figures(self.run_dir, metrics, self.history))
-                    metrics["figures"] = [Path(p).name for p in paths]
-                    write_metrics(self.run_dir, metrics)
-                    self.callbacks.on_figures(self, paths)
+                    try:
+                        paths = list(self.kind.figures(self.run_dir, metrics, self.history))
+                    except Exception as e:  # a figure never fails or loses a finished run
+                        metrics["figures_error"] = f"{type(e).__name__}: {e}"
+                        write_metrics(self.run_dir, metrics)
+                        warnings.warn(
+                            f"writing the figures failed ({type(e).__name__}: {e}); the run's "
+                            "checkpoint, history and metrics are complete",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                    else:
+                        metrics["figures"] = [Path(p).name for p in paths]
+                        write_metrics(self.run_dir, metrics)
+                        self.callbacks.on_figures(self, paths)
             return metrics
 
         return self.ctx.on_main(on_main)
