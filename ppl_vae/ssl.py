@@ -351,22 +351,29 @@ class SSVAE(PyroModule):
 
         Log-densities are unscaled and exact (the guide in eval mode).
         """
+        return self._per_class(
+            x,
+            batch_size,
+            lambda xb, yk: log_weights(
+                functools.partial(self.model, y=yk),
+                functools.partial(self.guide, y=yk),
+                xb,
+                num_samples,
+            ).mean(0),
+        )
+
+    def _per_class(self, x: torch.Tensor, batch_size: int, fn: Any) -> torch.Tensor:
+        """``fn(x_batch, y_k)`` ``(B,)`` for every class k and batch, as ``(N, K)``, in eval mode."""
         was = self.training
         self.eval()
         try:
             out = []
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start : start + batch_size]
-                cols = []
-                for k in range(self.num_classes):
-                    yk = torch.full((xb.shape[0],), k, dtype=torch.long, device=xb.device)
-                    lw = log_weights(
-                        functools.partial(self.model, y=yk),
-                        functools.partial(self.guide, y=yk),
-                        xb,
-                        num_samples,
-                    )
-                    cols.append(lw.mean(0))
+                cols = [
+                    fn(xb, torch.full((xb.shape[0],), k, dtype=torch.long, device=xb.device))
+                    for k in range(self.num_classes)
+                ]
                 out.append(torch.stack(cols, -1))
             return torch.cat(out)
         finally:
@@ -407,29 +414,13 @@ class SSVAE(PyroModule):
         log-densities, the guide in eval mode. Each entry is a stochastic lower bound of
         :math:`\log p(x, k)` in expectation that tightens as S grows.
         """
-        was = self.training
-        self.eval()
-        try:
-            out = []
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start : start + batch_size]
-                cols = []
-                for k in range(self.num_classes):
-                    yk = torch.full((xb.shape[0],), k, dtype=torch.long, device=xb.device)
-                    cols.append(
-                        importance_log_likelihood(
-                            self.model,
-                            self.guide,
-                            xb,
-                            y=yk,
-                            num_samples=num_samples,
-                            chunk_size=chunk_size,
-                        )
-                    )
-                out.append(torch.stack(cols, -1))
-            return torch.cat(out)
-        finally:
-            self.train(was)
+        return self._per_class(
+            x,
+            batch_size,
+            lambda xb, yk: importance_log_likelihood(
+                self.model, self.guide, xb, y=yk, num_samples=num_samples, chunk_size=chunk_size
+            ),
+        )
 
     @torch.no_grad()
     def log_likelihood(

@@ -136,24 +136,20 @@ def activation_block(
     width: int, *, activation: str = "relu", dropout: float = 0.0, norm: str = "none"
 ) -> list[nn.Module]:
     """What follows a hidden ``Linear`` of ``width`` outputs: ``[norm], activation, [dropout]``."""
-    layers: list[nn.Module] = []
-    n = norm_1d(norm, width)
-    if n is not None:
-        layers.append(n)
-    layers.append(make_activation(activation))
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    return layers
+    return _norm_activation_dropout(norm_1d(norm, width), activation, dropout)
 
 
 def conv_block(
     channels: int, *, activation: str = "relu", dropout: float = 0.0, norm: str = "none"
 ) -> list[nn.Module]:
     """What follows a hidden convolution of ``channels`` outputs: ``[norm], activation, [dropout]``."""
-    layers: list[nn.Module] = []
-    n = norm_2d(norm, channels)
-    if n is not None:
-        layers.append(n)
+    return _norm_activation_dropout(norm_2d(norm, channels), activation, dropout)
+
+
+def _norm_activation_dropout(
+    norm: nn.Module | None, activation: str, dropout: float
+) -> list[nn.Module]:
+    layers: list[nn.Module] = [] if norm is None else [norm]
     layers.append(make_activation(activation))
     if dropout:
         layers.append(nn.Dropout(dropout))
