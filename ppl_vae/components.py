@@ -59,8 +59,8 @@ KINDS: dict[str, Kind] = {
     "decoder": Kind(
         "decoder", "ppl_vae.models.decoders", "ppl_vae.models.decoders.base", "Decoder"
     ),
-    # A user's own model/guide pair (``--model``): no shipped names, any torch module.
-    "model": Kind("model", None, "torch.nn", "Module"),
+    # A model/guide pair (``--model``): a shipped one or any torch module of the user's.
+    "model": Kind("model", "ppl_vae.models.pairs", "torch.nn", "Module", skip=()),
 }
 
 

@@ -17,6 +17,7 @@ Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop trains with DistributedDat
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 
 from .components import build as build_component
 from .components import recorded_options, spec_of
+from .components import resolve as resolve_component
 from .config import FitConfig
 from .data import Dataset, load_data
 from .inference.estimators import make_elbo
@@ -45,7 +47,7 @@ from .training.rundir import (
 )
 from .training.setup import initialize_from_data, prepare_data, resolve_device
 from .training.trainer import history_text, write_history_csv
-from .vae import VAE, build_vae
+from .vae import VAE, build_prior_and_likelihood, build_vae
 
 __all__ = [
     "RUN_FILES",
@@ -125,25 +127,84 @@ VAE_FIELDS = (
 )
 
 
-def build_config_model(cfg: FitConfig, dataset: Dataset, model: Any = None) -> torch.nn.Module:
-    """A user's model/guide pair from ``cfg.model`` (or ``model``, a class or an instance),
-    built with ``cfg.model_args`` plus ``data_shape`` if its constructor takes it."""
+#: What the engine offers a model/guide pair's constructor, by parameter name, and the config
+#: fields each offer is built from (a pair that takes ``prior`` gets ``--prior`` built with
+#: ``--prior-arg`` and ``--latent-dim``; one that takes nothing gets nothing).
+OFFERED: dict[str, tuple[str, ...]] = {
+    "prior": ("prior", "prior_args", "latent_dim"),
+    "likelihood": ("likelihood", "likelihood_args"),
+    "latent_dim": ("latent_dim",),
+    "hidden_dims": ("hidden_dims",),
+}
+
+
+def _model_class(spec: Any) -> type:
+    if isinstance(spec, torch.nn.Module):
+        return type(spec)
+    return resolve_component(spec, "model")
+
+
+def offered_to(spec: Any) -> set[str]:
+    """The components of :data:`OFFERED` that the model class's constructor asks for."""
+    if isinstance(spec, torch.nn.Module):
+        return set()  # an instance is built already
+    params = inspect.signature(_model_class(spec).__init__).parameters
+    return {name for name in OFFERED if name in params}
+
+
+def build_config_model(
+    cfg: FitConfig, dataset: Dataset, model: Any = None, prior: Any = None, likelihood: Any = None
+) -> torch.nn.Module:
+    """A model/guide pair from ``cfg.model`` (or ``model``, a class or an instance), built with
+    ``cfg.model_args`` plus, for the constructor parameters of those names, ``data_shape`` and
+    the components of :data:`OFFERED` (``prior`` and ``likelihood`` built and checked as the
+    VAE's are; ``prior``/``likelihood`` here may be classes or instances replacing the names)."""
     spec = model if model is not None else cfg.model
     args = {} if isinstance(model, torch.nn.Module) else dict(cfg.model_args)
-    return build_component(spec, "model", {"data_shape": dataset.data_shape}, args)
+    offered = offered_to(spec)
+    reserved = sorted(set(args) & (offered | {"data_shape"}))
+    if reserved:
+        raise ConfigError(
+            f"model option(s) {reserved} are set by the engine (from the data and "
+            "--prior/--likelihood/--latent-dim/--hidden-dims), not by --model-arg"
+        )
+    context: dict[str, Any] = {"data_shape": dataset.data_shape}
+    if offered & {"prior", "likelihood"}:
+        p, lik = build_prior_and_likelihood(
+            dataset.data_shape,
+            prior if prior is not None else cfg.prior,
+            likelihood if likelihood is not None else cfg.likelihood,
+            cfg.latent_dim,
+            None if isinstance(prior, torch.nn.Module) else cfg.prior_args,
+            None if isinstance(likelihood, torch.nn.Module) else cfg.likelihood_args,
+            dataset.num_levels,
+        )
+        context.update({"prior": p, "likelihood": lik})
+    context.update({"latent_dim": cfg.latent_dim, "hidden_dims": tuple(cfg.hidden_dims)})
+    context = {k: v for k, v in context.items() if k == "data_shape" or k in offered}
+    return build_component(spec, "model", context, args)
 
 
-def _check_user_config(cfg: FitConfig, prior: Any, likelihood: Any) -> None:
-    """With ``model`` set, options of the built-in VAE would be silently unused: refuse them."""
+def _check_user_config(cfg: FitConfig, prior: Any, likelihood: Any, model: Any = None) -> None:
+    """With ``model`` set, options of the built-in VAE that the pair does not ask for would be
+    silently unused: refuse them."""
     default = FitConfig()
-    given = [f for f in VAE_FIELDS if getattr(cfg, f) != getattr(default, f)]
-    if prior is not None or likelihood is not None:
-        given += [n for n, v in (("prior", prior), ("likelihood", likelihood)) if v is not None]
+    accepted = {
+        f for name in offered_to(model if model is not None else cfg.model) for f in OFFERED[name]
+    }
+    given = [f for f in VAE_FIELDS if f not in accepted and getattr(cfg, f) != getattr(default, f)]
+    given += [
+        n
+        for n, v in (("prior", prior), ("likelihood", likelihood))
+        if v is not None and n not in accepted
+    ]
     if given:
+        asks = sorted(offered_to(model if model is not None else cfg.model))
         raise ConfigError(
             f"`model` {cfg.model!r} is a model/guide pair of its own, so the built-in VAE's "
-            f"options {sorted(set(given))} do not apply; pass its options as model_args "
-            "(--model-arg KEY=VALUE)"
+            f"options {sorted(set(given))} do not apply (its constructor asks for "
+            f"{asks or 'none of prior, likelihood, latent_dim, hidden_dims'}); pass its options "
+            "as model_args (--model-arg KEY=VALUE)"
         )
 
 
@@ -286,14 +347,14 @@ def _fit(
             cfg = _config_with_model(cfg, model_obj, strict=run_dir is not None)
     user = cfg.kind == "user"
     if user:
-        _check_user_config(cfg, prior, likelihood)
+        _check_user_config(cfg, prior, likelihood, model_obj)
 
     device = ctx.device(cfg.device) if ctx.enabled else resolve_device(cfg.device)
     pyro.set_rng_seed(cfg.seed)
     if dataset is None:
         dataset = load_config_data(cfg)
     if user:
-        vae = build_config_model(cfg, dataset, model_obj)
+        vae = build_config_model(cfg, dataset, model_obj, prior, likelihood)
     else:
         vae = build_config_vae(cfg, dataset, prior=prior, likelihood=likelihood)
     nesting = int(getattr(vae, "max_plate_nesting", 1))

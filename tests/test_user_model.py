@@ -194,3 +194,32 @@ def test_evaluate_and_sample_reopen_a_user_run(tmp_path):
     assert main(["sample", str(run), "-n", "12"]) == 0
     samples = __import__("numpy").load(run / "samples_n12.npy")
     assert samples.shape == (12, 64) and ((samples >= 0) & (samples <= 1)).all()
+
+
+def test_a_pair_that_asks_for_components_gets_the_ones_the_options_name(tmp_path):
+    """``prior``, ``likelihood``, ``hidden_dims`` in the constructor: the engine builds them from
+    --prior/--prior-arg/--latent-dim, --likelihood, --hidden-dims, records them, and the run
+    reopens with the same components."""
+    from ppl_vae.models.likelihoods.bernoulli import BernoulliLikelihood
+    from ppl_vae.models.priors.von_mises import VonMisesPrior
+    from ppl_vae.runs import load_run
+
+    spec = f"{MODELS}:AsksForComponents"
+    out = tmp_path / "run"
+    args = ["fit", "--model", spec, "--prior", "von-mises", "--latent-dim", "3",
+            "--hidden-dims", "24", "--epochs", "1", "--max-train", "200", "--binarize", "dynamic",
+            "--log-likelihood-samples", "4", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    cfg = FitConfig.load(out / "config.toml")
+    assert (cfg.prior, cfg.latent_dim, list(cfg.hidden_dims)) == ("von-mises", 3, [24])
+    run = load_run(out)
+    assert isinstance(run.model.prior, VonMisesPrior) and run.model.prior.latent_dim == 3
+    assert isinstance(run.model.likelihood, BernoulliLikelihood)
+    assert run.model.dec[0].out_features == 24
+
+
+def test_an_engine_component_cannot_also_be_a_model_arg(tmp_path, capsys):
+    code = main(["fit", "--model", f"{MODELS}:AsksForComponents", "--model-arg", "prior=x",
+                 "--out", str(tmp_path / "r")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "set by the engine" in err and len(err.strip().splitlines()) == 1

@@ -63,3 +63,34 @@ class LinearGaussianChain(PyroModule):
         with pyro.plate("data", x.shape[0], dim=-1):
             z2 = pyro.sample("z2", dist.Normal(x.new_zeros(2) + self.shift, 1.0).to_event(1))
             pyro.sample("z1", dist.Normal(z2 @ self.A.T, self.s1).to_event(1))
+
+
+class AsksForComponents(PyroModule):
+    """A pair that asks the engine for its prior, likelihood and widths by parameter name."""
+
+    def __init__(self, data_shape, prior, likelihood, hidden_dims, scale_floor: float = 1e-3):
+        super().__init__()
+        self.prior, self.likelihood = prior, likelihood
+        self.hidden_dims, self.scale_floor = tuple(hidden_dims), scale_floor
+        d, k, h = int(torch.Size(data_shape).numel()), prior.latent_dim, hidden_dims[0]
+        self.data_shape = tuple(data_shape)
+        self.dec = nn.Sequential(
+            nn.Linear(prior.embed_dim, h), nn.Tanh(), nn.Linear(h, likelihood.params_per_element * d)
+        )
+        self.family = prior.guide_family()
+        self.enc = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, self.family.num_params * k))
+
+    @pyro_method
+    def model(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", self.prior())
+            out = self.dec(self.prior.embed(z))
+            out = out.reshape(*z.shape[:-1], self.likelihood.params_per_element, *self.data_shape)
+            pyro.sample("x", self.likelihood(out), obs=x)
+
+    @pyro_method
+    def guide(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0], dim=-1):
+            raw = self.enc(x.reshape(x.shape[0], -1))
+            params = self.family.constrain(raw, self.prior.latent_dim)
+            pyro.sample("z", self.family.build(**params))

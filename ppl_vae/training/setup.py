@@ -32,7 +32,8 @@ def prepare_data(
 
     A module without a ``likelihood`` attribute (a user's own pair) is binarised only when asked
     (``binarize="dynamic"``; ``auto`` leaves its data as they are), and checked by its
-    ``check_input`` if it has one.
+    ``check_input`` if it has one; a pair that holds a likelihood (one that asked the engine for
+    it) is treated as the VAE is.
     """
     lik = getattr(vae, "likelihood", None)
     if lik is None:
@@ -42,8 +43,15 @@ def prepare_data(
         binarize == "auto" and needs_binary and not is_binary(ds.train_x)
     )
     train, val, test = ds.train_x, ds.val_x, ds.test_x
+    check = getattr(vae, "check_input", None)
     for x in (train, val, test):
-        vae.check_input(x)
+        if callable(check):
+            check(x)
+        elif x.shape[1:] != tuple(lik.data_shape):  # a pair holding a likelihood of its own
+            raise ConfigError(
+                f"data have shape {tuple(x.shape)} but the likelihood was built for "
+                f"(N, {', '.join(map(str, lik.data_shape))})"
+            )
     if dynamic:
         if not bool(((train >= 0) & (train <= 1)).all()):
             raise ConfigError(

@@ -1,0 +1,8 @@
+"""Shipped model/guide pairs (``--model NAME`` loads ``ppl_vae.models.pairs.NAME``).
+
+A module here defines exactly one :class:`torch.nn.Module` subclass with Pyro programs
+``model(x)`` and ``guide(x)``, trained by the engine as a user's own pair is. Its constructor
+may ask for the engine's components by parameter name: ``data_shape``, ``prior`` (a built
+:class:`~ppl_vae.models.priors.base.Prior`), ``likelihood`` (a built
+:class:`~ppl_vae.models.likelihoods.base.Likelihood`), ``latent_dim`` and ``hidden_dims``.
+"""
