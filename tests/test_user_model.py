@@ -187,9 +187,10 @@ def test_evaluate_and_sample_reopen_a_user_run(tmp_path):
     out = evaluate(run, num_samples=8)
     # same weights, same K, other draws: within a few standard errors of the run's own number
     m = result.metrics
-    assert abs(out["test_log_likelihood"] - m["test_log_likelihood"]) < 5 * m[
-        "test_log_likelihood_se"
-    ] + 0.5, (out, m)
+    assert (
+        abs(out["test_log_likelihood"] - m["test_log_likelihood"])
+        < 5 * m["test_log_likelihood_se"] + 0.5
+    ), (out, m)
     assert out["test_bits_per_dim"] is None  # the pair's likelihood is its own
     assert main(["sample", str(run), "-n", "12"]) == 0
     samples = __import__("numpy").load(run / "samples_n12.npy")

@@ -75,10 +75,14 @@ class AsksForComponents(PyroModule):
         d, k, h = int(torch.Size(data_shape).numel()), prior.latent_dim, hidden_dims[0]
         self.data_shape = tuple(data_shape)
         self.dec = nn.Sequential(
-            nn.Linear(prior.embed_dim, h), nn.Tanh(), nn.Linear(h, likelihood.params_per_element * d)
+            nn.Linear(prior.embed_dim, h),
+            nn.Tanh(),
+            nn.Linear(h, likelihood.params_per_element * d),
         )
         self.family = prior.guide_family()
-        self.enc = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, self.family.num_params * k))
+        self.enc = nn.Sequential(
+            nn.Linear(d, h), nn.Tanh(), nn.Linear(h, self.family.num_params * k)
+        )
 
     @pyro_method
     def model(self, x: torch.Tensor) -> None:
