@@ -6,12 +6,18 @@ dimension). No KL(StudentT || StudentT) is registered anywhere, so ``meanfield``
 term by Monte Carlo and warns once. The same class trains from the command line:
 
     ppl-vae fit --prior examples/new_prior.py:StudentTPrior --prior-arg df=3 --estimator meanfield
+
+:class:`TwoClusterPrior` is a prior with nothing to mirror (a mixture): q(z|x) is then a diagonal
+Normal on the prior's support, again with no guide code.
+
+    ppl-vae fit --prior examples/new_prior.py:TwoClusterPrior
 """
 
 import argparse
 
 import pyro.distributions as dist
 import torch
+from pyro.nn import PyroParam
 
 from ppl_vae import fit
 from ppl_vae.models.priors import Prior
@@ -29,6 +35,19 @@ class StudentTPrior(Prior):
         return dist.StudentT(self.df, zero, torch.ones_like(self.df)).to_event(1)
 
 
+class TwoClusterPrior(Prior):
+    r""":math:`p(z) = \tfrac12 \mathcal{N}(z; -m, I) + \tfrac12 \mathcal{N}(z; m, I)`, m learned."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__(latent_dim)
+        self.m = PyroParam(torch.ones(latent_dim))
+
+    def forward(self) -> dist.Distribution:
+        locs = torch.stack([-self.m, self.m])
+        both = dist.Categorical(logits=locs.new_zeros(2))
+        return dist.MixtureSameFamily(both, dist.Normal(locs, 1.0).to_event(1))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -38,17 +57,18 @@ if __name__ == "__main__":
     budget = dict(epochs=args.epochs)
     if args.smoke:
         budget.update(epochs=1, hidden_dims=[32], log_likelihood_samples=10)
-    for estimator in ("trace", "meanfield"):
+    for prior, estimator in ((StudentTPrior, "trace"), (StudentTPrior, "meanfield"),
+                             (TwoClusterPrior, "trace")):  # fmt: skip
         result = fit(
-            prior=StudentTPrior,
+            prior=prior,
             estimator=estimator,
-            out=f"{args.out}/{estimator}",
+            out=f"{args.out}/{prior.__name__}-{estimator}",
             overwrite=True,
             quiet=True,
             **budget,
         )
         m = result.metrics
         print(
-            f"{estimator:>9}: test ELBO {m['test_elbo']:.2f}, "
+            f"{prior.__name__:>15} {estimator:>9}: test ELBO {m['test_elbo']:.2f}, "
             f"log p(x) {m['test_log_likelihood']:.2f} nats per digit"
         )

@@ -72,7 +72,7 @@ from .training.optim import make_adam
 from .training.rundir import load_resume_state, prepare_run_dir, resolve_config
 from .training.setup import initialize_from_data, prepare_data, resolve_device
 from .training.trainer import state_copy
-from .vae import build_networks, build_prior_and_likelihood, check_batch_shape
+from .vae import attach_prior, build_networks, build_prior_and_likelihood, check_batch_shape
 
 __all__ = [
     "SSVAE",
@@ -498,6 +498,7 @@ def build_ssvae(
         decoder_args=decoder_args,
         cond_dim=num_classes,
     )
+    attach_prior(p, enc, data_shape)
     probs = None if class_probs is None or len(class_probs) == 0 else torch.as_tensor(class_probs)
     return SSVAE(p, lik, enc, dec, guide, probs)
 

@@ -385,4 +385,12 @@ def build_vae(
         encoder_args=encoder_args,
         decoder_args=decoder_args,
     )
+    attach_prior(p, enc, data_shape)
     return VAE(p, lik, enc, dec)
+
+
+def attach_prior(prior: Prior, encoder: torch.nn.Module, data_shape: tuple[int, ...]) -> None:
+    """Hand a built prior the model's encoder and data shape, then check it again (a prior built
+    from them, such as the VampPrior, can be checked only now)."""
+    prior.attach(encoder=encoder, data_shape=tuple(data_shape))
+    prior.validate()

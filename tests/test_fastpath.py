@@ -38,6 +38,8 @@ SEED = 7
 PRIORS = available("prior")
 LIKELIHOODS = available("likelihood")
 SERVED = ("trace", "meanfield")
+#: Priors whose p(z) is a MixtureSameFamily (only allclose under vectorised particles).
+MIXTURES = ("mixture", "vamp")
 PARTICLES = [(1, False), (3, False), (3, True)]  # (num_particles, vectorize_particles)
 
 
@@ -74,7 +76,7 @@ def one_step(vae: VAE, loss_fn, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return loss.detach(), grads
 
 
-def assert_same_step(vae: VAE, fast, elbo, x: torch.Tensor) -> None:
+def assert_same_step(vae: VAE, fast, elbo, x: torch.Tensor, exact: bool = True) -> None:
     steps_before = fast.steps["fast"]
     value_fast, grads_fast = one_step(vae, fast, x)
     assert fast.steps["fast"] == steps_before + 1, "the fast path was not taken"
@@ -86,8 +88,11 @@ def assert_same_step(vae: VAE, fast, elbo, x: torch.Tensor) -> None:
     for name, g in grads_pyro.items():
         if g is None:
             assert grads_fast[name] is None, name
-        else:
+        elif exact:
             assert torch.equal(grads_fast[name], g), f"gradient of {name} differs"
+        else:  # float32 rounding of a reduction in another order: 1e-6 of the largest entry
+            err = float((grads_fast[name] - g).abs().max())
+            assert err <= 1e-6 * float(g.abs().max()) + 1e-12, f"gradient of {name}: {err}"
 
 
 def switched_on(vae: VAE, spec: str, num_particles: int = 1, vectorize: bool = False):
@@ -101,6 +106,7 @@ def switched_on(vae: VAE, spec: str, num_particles: int = 1, vectorize: bool = F
     return elbo, loss, x
 
 
+@pytest.mark.filterwarnings("ignore:meanfield. no KL is registered:UserWarning")  # mixtures, flows
 @pytest.mark.parametrize("estimator", SERVED)
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("prior", PRIORS)
@@ -113,13 +119,17 @@ def test_fast_loss_equals_pyro_for_every_prior_and_likelihood(prior, likelihood,
     assert torch.distributions.Distribution._validate_args
 
 
+@pytest.mark.filterwarnings("ignore:meanfield. no KL is registered:UserWarning")  # mixtures, flows
 @pytest.mark.parametrize("num_particles, vectorize", PARTICLES[1:])
 @pytest.mark.parametrize("estimator", SERVED)
 @pytest.mark.parametrize("prior", PRIORS)
 def test_fast_loss_equals_pyro_with_particles(prior, estimator, num_particles, vectorize, device):
     vae = make_vae(prior, "bernoulli", device)
     elbo, loss, x = switched_on(vae, estimator, num_particles, vectorize)
-    assert_same_step(vae, loss, elbo, x)
+    # A mixture prior's backward under Pyro's vectorised particle plate accumulates over the
+    # expanded components in another order (measured: 1.4e-7 and 2.3e-7 of the largest entry).
+    exact = not (vectorize and prior in MIXTURES)
+    assert_same_step(vae, loss, elbo, x, exact=exact)
 
 
 @pytest.mark.parametrize("estimator", SERVED)

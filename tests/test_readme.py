@@ -39,10 +39,11 @@ def test_python_example_runs(tmp_path, monkeypatch):
 
 def test_documented_prior_is_the_example_prior():
     example = (ROOT / "examples" / "new_prior.py").read_text()
-    start = README.index("class StudentTPrior(Prior):")
-    snippet = README[start : README.index("```", start)].strip()
-    assert snippet in example
-    assert len(snippet.splitlines()) <= 20
+    for name in ("class StudentTPrior(Prior):", "class TwoClusterPrior(Prior):"):
+        start = README.index(name)
+        snippet = README[start : README.index("```", start)].strip()
+        assert snippet in example
+        assert len(snippet.splitlines()) <= 20
 
 
 def test_plain_pyro_example_runs_and_trains(monkeypatch, tmp_path):

@@ -83,6 +83,10 @@ def test_labelled_elbo_is_joint_log_density_minus_guide_by_hand():
 @pytest.mark.parametrize("prior", available("prior"))
 @pytest.mark.parametrize("guide", GUIDES)
 def test_every_prior_works_with_every_label_guide(prior, guide):
+    if prior == "vamp":  # a mixture of q(z|u_k); M2's encoder is q(z|x, y)
+        with pytest.raises(ConfigError, match="needs an encoder of x alone"):
+            build_ssvae((6,), 3, prior=prior, label_guide=guide, latent_dim=2, hidden_dims=(8,))
+        return
     model = build_ssvae(
         (6,),
         3,

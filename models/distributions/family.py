@@ -98,9 +98,7 @@ class VariationalFamily(nn.Module):
                 f"{type(self).__name__} needs {expected} ({self.num_params} x latent_dim={latent_dim})"
             )
         blocks = raw.clamp(-RAW_CLAMP, RAW_CLAMP).split(latent_dim, dim=-1)
-        return {
-            name: t(block) for (name, t), block in zip(self._bijections(), blocks, strict=True)
-        }
+        return {name: t(block) for (name, t), block in zip(self._bijections(), blocks, strict=True)}
 
     def _bijections(self) -> list[tuple[str, Transform]]:
         """``(name, biject_to(constraint))`` per parameter, built once per set of constraints."""
@@ -162,3 +160,74 @@ class MirrorFamily(VariationalFamily):
 
     def extra_repr(self) -> str:
         return f"{self.dist_cls.__name__}({', '.join(self.param_constraints)})"
+
+
+def _elementwise(support: constraints.Constraint) -> constraints.Constraint:
+    """``support`` without its ``independent`` (and mixture) wrappers: the per-coordinate
+    constraint."""
+    wrappers = tuple(
+        c
+        for c in (
+            constraints.independent,
+            getattr(constraints, "MixtureSameFamilyConstraint", None),
+        )
+        if isinstance(c, type)
+    )
+    while isinstance(support, wrappers):
+        support = support.base_constraint
+    return support
+
+
+class NormalOnSupport(VariationalFamily):
+    r"""A diagonal Normal pushed onto a support: :math:`z = T(u)`, :math:`u \sim \mathcal{N}(\mu,
+    \sigma^2)`, with :math:`T` = ``biject_to(support)`` (the identity on the real line).
+
+    The family for a prior with no parameters to mirror (a mixture, a flow): on the real line it
+    is the engine's :class:`~ppl_vae.models.distributions.normal.Normal`; on the positive half
+    line a log-normal; on an interval a logit-normal.
+    """
+
+    def __init__(self, support: constraints.Constraint = constraints.real) -> None:
+        super().__init__()
+        self.support = _elementwise(support)
+        self.param_constraints["loc"] = constraints.real
+        self.param_constraints["scale"] = constraints.positive
+        self._real = type(self.support) is type(constraints.real)
+        if not self._real:
+            if not _constraint_is_usable(self.support):
+                raise ConfigError(f"no elementwise bijection onto the support {self.support}")
+            self._transform = biject_to(self.support)
+
+    def build(self, **params: torch.Tensor) -> dist.Distribution:
+        from .normal import Normal
+
+        base = Normal(params["loc"], params["scale"])
+        if self._real:
+            return base.to_event(1)
+        return dist.TransformedDistribution(base, [self._transform]).to_event(1)
+
+    def extra_repr(self) -> str:
+        return "Normal(loc, scale)" + ("" if self._real else f" on {self.support}")
+
+
+def family_for(d: dist.Distribution, owner: str) -> VariationalFamily:
+    """The default q(z|x) family for a prior distribution ``d``: its own type where its
+    ``arg_constraints`` can be mirrored, else a Normal on its support (:class:`NormalOnSupport`).
+
+    Raises:
+        ConfigError: neither works (a support with no elementwise bijection), naming what to
+            write.
+    """
+    base = base_distribution(d)
+    try:
+        return MirrorFamily(type(base))
+    except ConfigError as mirror_error:
+        try:
+            return NormalOnSupport(d.support)
+        except (ConfigError, NotImplementedError) as e:
+            raise ConfigError(
+                f"prior {owner} returns a {type(base).__name__}, which cannot be mirrored "
+                f"({mirror_error}) and whose support {_elementwise(d.support)} has no elementwise "
+                f"bijection ({e}); give {owner} a guide_family() returning a VariationalFamily, "
+                "e.g. MirrorFamily(dist.Normal)"
+            ) from None

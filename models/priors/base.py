@@ -7,7 +7,11 @@ the data plate). Fixed hyper-parameters are buffers, learnable ones ``PyroParam`
 Everything else has a default that is right for a Euclidean latent space, and a prior overrides
 only what its geometry needs:
 
-* :meth:`Prior.guide_family` - the variational family of q(z|x); mirrors the prior by default.
+* :meth:`Prior.guide_family` - the variational family of q(z|x); mirrors the prior by default,
+  and is a Normal on the prior's support for a prior with no parameters to mirror (a mixture,
+  a flow: :func:`~ppl_vae.models.distributions.family.family_for`).
+* :meth:`Prior.attach` - called once the model's networks exist, with the encoder and the data
+  shape, for a prior that is built from them (the VampPrior).
 * :meth:`Prior.embed` / :attr:`Prior.embed_dim` - what the decoder reads (von Mises: cos, sin).
 * :meth:`Prior.interpolate` - a path between two codes (for the interpolation figure).
 * :meth:`Prior.figures` - extra figures suited to the geometry.
@@ -22,8 +26,9 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
+from torch import nn
 
-from ..distributions.family import MirrorFamily, VariationalFamily, base_distribution
+from ..distributions.family import VariationalFamily, family_for
 from ..errors import ConfigError
 from ..options import RecordsOptions
 
@@ -56,8 +61,16 @@ class Prior(RecordsOptions, PyroModule):
 
     # -- the guide ---------------------------------------------------------------------------
     def guide_family(self) -> VariationalFamily:
-        """The variational family of q(z|x). Default: the prior's own distribution type."""
-        return MirrorFamily(type(base_distribution(self.forward())))
+        """The variational family of q(z|x). Default: the prior's own distribution type, or a
+        Normal on its support where it has no ``arg_constraints`` to mirror."""
+        return family_for(self.forward(), type(self).__name__)
+
+    # -- the model around it -------------------------------------------------------------------
+    def attach(self, *, encoder: nn.Module, data_shape: tuple[int, ...]) -> None:
+        """Hook called once the model's networks are built: ``encoder`` is the model's q(z|x)
+        network (an :class:`~ppl_vae.guides.encoders.Encoder`), ``data_shape`` one data point's
+        shape. A prior built from them keeps a reference (not a submodule: the encoder's
+        parameters stay the model's); the default does nothing."""
 
     # -- geometry ----------------------------------------------------------------------------
     @property
