@@ -56,6 +56,12 @@ KINDS: dict[str, Kind] = {
     "encoder": Kind(
         "encoder", "ppl_vae.guides.encoders", "ppl_vae.guides.encoders.base", "Encoder"
     ),
+    "family": Kind(
+        "family",
+        "ppl_vae.guides.families",
+        "ppl_vae.models.distributions.family",
+        "VariationalFamily",
+    ),
     "decoder": Kind(
         "decoder", "ppl_vae.models.decoders", "ppl_vae.models.decoders.base", "Decoder"
     ),

@@ -173,6 +173,8 @@ class RunConfig(ConfigFile):
     encoder_args: dict[str, Any] = field(default_factory=dict)
     decoder: str | None = None
     decoder_args: dict[str, Any] = field(default_factory=dict)
+    guide_family: str | None = None  # q(z|x)'s family (e.g. "iaf"); None: the prior's own
+    guide_family_args: dict[str, Any] = field(default_factory=dict)
     # optimisation
     num_particles: int = 1
     epochs: int = 50

@@ -72,7 +72,14 @@ from .training.optim import make_adam
 from .training.rundir import load_resume_state, prepare_run_dir, resolve_config
 from .training.setup import initialize_from_data, prepare_data, resolve_device
 from .training.trainer import state_copy
-from .vae import attach_prior, build_networks, build_prior_and_likelihood, check_batch_shape
+from .vae import (
+    attach_prior,
+    build_family,
+    build_networks,
+    build_prior_and_likelihood,
+    check_batch_shape,
+    check_family_fits,
+)
 
 __all__ = [
     "SSVAE",
@@ -457,6 +464,8 @@ def build_ssvae(
     decoder: Any = None,
     encoder_args: dict[str, Any] | None = None,
     decoder_args: dict[str, Any] | None = None,
+    guide_family: Any = None,
+    guide_family_args: dict[str, Any] | None = None,
 ) -> SSVAE:
     """Assemble an :class:`SSVAE` from component specs (names, ``file.py:Class``, classes).
 
@@ -488,7 +497,7 @@ def build_ssvae(
         data_shape,
         p.latent_dim,
         p.embed_dim,
-        p.guide_family(),
+        build_family(p, guide_family, guide_family_args),
         lik.params_per_element,
         hidden,
         network=network,
@@ -499,6 +508,8 @@ def build_ssvae(
         cond_dim=num_classes,
     )
     attach_prior(p, enc, data_shape)
+    if guide_family is not None:
+        check_family_fits(p, enc.family)
     probs = None if class_probs is None or len(class_probs) == 0 else torch.as_tensor(class_probs)
     return SSVAE(p, lik, enc, dec, guide, probs)
 
@@ -678,6 +689,8 @@ def build_ssl_run(
         decoder=cfg.decoder,
         encoder_args=cfg.encoder_args,
         decoder_args=cfg.decoder_args,
+        guide_family=cfg.guide_family,
+        guide_family_args=cfg.guide_family_args,
     )
     resolved = cfg.to_dict()
     resolved["likelihood"] = likelihood

@@ -108,6 +108,8 @@ def build_config_vae(
         decoder=cfg.decoder,
         encoder_args=cfg.encoder_args,
         decoder_args=cfg.decoder_args,
+        guide_family=cfg.guide_family,
+        guide_family_args=cfg.guide_family_args,
     )
 
 
@@ -124,6 +126,8 @@ VAE_FIELDS = (
     "encoder_args",
     "decoder",
     "decoder_args",
+    "guide_family",
+    "guide_family_args",
 )
 
 

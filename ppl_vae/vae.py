@@ -347,6 +347,8 @@ def build_vae(
     decoder: Any = None,
     encoder_args: dict[str, Any] | None = None,
     decoder_args: dict[str, Any] | None = None,
+    guide_family: Any = None,
+    guide_family_args: dict[str, Any] | None = None,
 ) -> VAE:
     """Assemble a :class:`VAE` from component specs, sized from the data shape and latent size.
 
@@ -367,6 +369,9 @@ def build_vae(
         decoder: likewise for the decoder.
         encoder_args: options for the encoder's constructor (e.g. ``{"activation": "softplus"}``).
         decoder_args: options for the decoder's constructor.
+        guide_family: the variational family of q(z|x): a name (``"iaf"``, ``"normal"``),
+            ``"file.py:Class"``, a class or an instance; None: the prior's ``guide_family()``.
+        guide_family_args: options for the family's constructor.
     """
     data_shape = tuple(int(s) for s in data_shape)
     p, lik = build_prior_and_likelihood(
@@ -376,7 +381,7 @@ def build_vae(
         data_shape,
         p.latent_dim,
         p.embed_dim,
-        p.guide_family(),
+        build_family(p, guide_family, guide_family_args),
         lik.params_per_element,
         hidden_dims,
         network=network,
@@ -386,7 +391,48 @@ def build_vae(
         decoder_args=decoder_args,
     )
     attach_prior(p, enc, data_shape)
+    if guide_family is not None:
+        check_family_fits(p, enc.family)
     return VAE(p, lik, enc, dec)
+
+
+def build_family(
+    prior: Prior, spec: Any = None, args: dict[str, Any] | None = None
+) -> VariationalFamily:
+    """q(z|x)'s family: the one ``spec`` names (built with ``latent_dim`` and ``args``), or the
+    prior's own ``guide_family()`` when ``spec`` is None."""
+    if spec is None:
+        if args:
+            raise ConfigError(f"guide_family options {sorted(args)} given without a guide_family")
+        return prior.guide_family()
+    family = build_component(spec, "family", {"latent_dim": prior.latent_dim}, dict(args or {}))
+    if not isinstance(family, VariationalFamily):
+        raise ConfigError(f"guide family must be a VariationalFamily, got {type(family).__name__}")
+    return family
+
+
+def check_family_fits(prior: Prior, family: VariationalFamily) -> None:
+    """A chosen family must live where the prior does: refuse one whose draws leave the prior's
+    support (checked on draws from the built family and the prior's support)."""
+    if not prior.euclidean:
+        raise ConfigError(
+            f"prior {type(prior).__name__} is not a density on the real line (see its "
+            f"`euclidean`), so only its own guide family fits it, not {type(family).__name__}; "
+            "leave guide_family unset"
+        )
+    support = prior().support
+    with torch.no_grad():
+        params = {
+            name: torch.distributions.biject_to(c)(torch.zeros(2, prior.latent_dim))
+            for name, c in family.param_constraints.items()
+        }
+        z = family.build(**params).sample()
+    if not bool(support.check(z).all()):
+        raise ConfigError(
+            f"guide family {type(family).__name__} draws outside the support of prior "
+            f"{type(prior).__name__} ({support}); choose a family on that support or none "
+            "(the prior's own)"
+        )
 
 
 def attach_prior(prior: Prior, encoder: torch.nn.Module, data_shape: tuple[int, ...]) -> None:

@@ -47,6 +47,11 @@ class Prior(RecordsOptions, PyroModule):
         latent_dim: D, the number of latent dimensions.
     """
 
+    #: Whether p(z) is a density on (a subset of) R^D, so that any guide family on its support
+    #: fits it (``--guide-family``). False for a density on the circle (von Mises) or a
+    #: distribution with point masses (spike-and-slab): only their own family fits.
+    euclidean: bool = True
+
     def __init__(self, latent_dim: int) -> None:
         if type(self).forward is Prior.forward:
             raise ConfigError(

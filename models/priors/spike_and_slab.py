@@ -43,6 +43,8 @@ class SpikeAndSlabPrior(Prior):
         torch.Size([3])
     """
 
+    euclidean = False  # exact zeros at evaluation: a point mass no continuous family matches
+
     def __init__(
         self,
         latent_dim: int,

@@ -51,6 +51,8 @@ class VonMisesPrior(Prior):
         (torch.Size([2]), torch.Size([5, 4]))
     """
 
+    euclidean = False  # a density on the circle, periodic on the real line
+
     def __init__(
         self,
         latent_dim: int,

@@ -87,6 +87,17 @@ def add_network_options(g: Any) -> None:
             metavar="KEY=VALUE",
             help=f"{part} option, repeatable (e.g. {example}; activation, dropout, norm, ...)",
         )
+    g.add_argument(
+        "--guide-family",
+        help=f"variational family of q(z|x): one of {available('family')} or 'file.py:Class' "
+        "(default: the prior's own, e.g. a Normal for the Gaussian prior)",
+    )
+    g.add_argument(
+        "--guide-family-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="option of the guide family, repeatable (e.g. num_flows=4 for iaf)",
+    )
 
 
 def add_schedule_options(g: Any) -> None:

@@ -162,7 +162,15 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, f.name, None)
         if v is not None:
             given[f.name] = v
-    for part in ("model", "prior", "likelihood", "encoder", "decoder", "lr_schedule"):
+    for part in (
+        "model",
+        "prior",
+        "likelihood",
+        "encoder",
+        "decoder",
+        "guide_family",
+        "lr_schedule",
+    ):
         if getattr(args, f"{part}_arg", None):
             flag = f"--{part.replace('_', '-')}-arg"
             given[f"{part}_args"] = key_values(getattr(args, f"{part}_arg"), flag)

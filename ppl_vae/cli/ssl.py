@@ -217,7 +217,15 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, f.name, None)
         if v is not None:
             given[f.name] = v
-    for name in ("prior", "likelihood", "label_guide", "encoder", "decoder", "lr_schedule"):
+    for name in (
+        "prior",
+        "likelihood",
+        "label_guide",
+        "encoder",
+        "decoder",
+        "guide_family",
+        "lr_schedule",
+    ):
         items = getattr(args, f"{name}_arg", None)
         if items:
             given[f"{name}_args"] = key_values(items, f"--{name.replace('_', '-')}-arg")
