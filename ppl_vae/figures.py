@@ -287,16 +287,16 @@ def write_ssl_figures(
             ),
         )
     )
-    # Style from the prior: z ~ p(z) fixed along a row, y varies along it.
-    z = model.prior().sample((n,))
-    rows = [
-        _as_images(model.decode_mean(z[i].expand(k, -1), eye), ds.image_shape) for i in range(n)
-    ]
+    # Style from the prior: z ~ p(z) fixed along a row (p(z | y): z ~ p(z | y) per entry), y
+    # varies along it.
+    codes = model.prior_codes(n).to(eye)  # (K, n, D)
+    rows = [_as_images(model.decode_mean(codes[:, i], eye), ds.image_shape) for i in range(n)]
+    how = "z ~ p(z | y) per image" if model.prior.label_conditional else "z ~ p(z) fixed per row"
     paths.append(
         image_grid(
             fig_dir / "class_samples.png",
             rows,
-            suptitle=f"z ~ p(z) fixed per row; classes {', '.join(names)} along it (means)",
+            suptitle=f"{how}; classes {', '.join(names)} along it (means)",
         )
     )
     paths.append(accuracy_figure(fig_dir / "accuracy.png", result.history, result.baseline_history))

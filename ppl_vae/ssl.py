@@ -257,7 +257,7 @@ class SSVAE(PyroModule):
         y_obs = None if y is None else self.one_hot(y, x)
         with pyro.plate("data", x.shape[0], dim=-1):
             y_val = pyro.sample("y", self.label_guide.prior(self.class_logits), obs=y_obs)
-            z = pyro.sample("z", self.prior())
+            z = pyro.sample("z", self.p_z(y_val))
             out = self.decoder(self.prior.embed(z), y_val)
             pyro.sample("x", self.likelihood(out), obs=x)
         return z
@@ -269,6 +269,22 @@ class SSVAE(PyroModule):
         with pyro.plate("data", x.shape[0], dim=-1):
             y_val = self.label_guide.sample("y", x) if y is None else self.one_hot(y, x)
             return pyro.sample("z", self.q_z(x, y_val))
+
+    def p_z(self, y: torch.Tensor) -> dist.Distribution:
+        """p(z), or p(z | y) for one-hot (or relaxed) labels ``y`` ``(..., K)`` when the prior
+        is :attr:`~ppl_vae.models.priors.base.Prior.label_conditional`."""
+        return self.prior(y) if self.prior.label_conditional else self.prior()
+
+    def prior_codes(self, n: int) -> torch.Tensor:
+        """Codes for every class, ``(K, n, D)``: the same ``n`` draws of p(z) in every class, or
+        for p(z | y) ``n`` draws of p(z | k) per class k."""
+        k = self.num_classes
+        if not self.prior.label_conditional:
+            z = self.prior().sample((n,))
+            return z.expand(k, *z.shape)
+        ref = self.class_logits
+        eye = torch.eye(k, dtype=ref.dtype, device=ref.device)
+        return self.prior(eye).sample((n,)).transpose(0, 1)
 
     def q_z(self, x: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
         r"""q(z | x, y) for one-hot ``y`` ``(*batch, K)`` broadcasting against ``x``'s ``(N,)``.
@@ -331,12 +347,13 @@ class SSVAE(PyroModule):
             one style in every class.
         """
         k = self.num_classes
-        z = self.prior().sample((n,))
-        eye = torch.eye(k, dtype=z.dtype, device=z.device)
-        zk = z.expand(k, *z.shape).reshape(k * n, *z.shape[1:])
+        codes = self.prior_codes(n)  # (K, n, D)
+        eye = torch.eye(k, dtype=codes.dtype, device=codes.device)
+        zk = codes.reshape(k * n, *codes.shape[2:])
         yk = eye.repeat_interleave(n, dim=0)
         params = self.decoder(self.prior.embed(zk), yk)
         x = self.likelihood(params).sample() if draw else self.likelihood.mean(params)
+        z = codes[0] if not self.prior.label_conditional else codes
         return z, x.reshape(k, n, *x.shape[1:])
 
     def posterior_mean(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -476,7 +493,14 @@ def build_ssvae(
     data_shape = tuple(int(s) for s in data_shape)
     hidden = tuple(int(h) for h in hidden_dims)
     p, lik = build_prior_and_likelihood(
-        data_shape, prior, likelihood, latent_dim, prior_args, likelihood_args, num_levels
+        data_shape,
+        prior,
+        likelihood,
+        latent_dim,
+        prior_args,
+        likelihood_args,
+        num_levels,
+        num_classes=num_classes,
     )
     guide = build_component(
         label_guide,

@@ -22,6 +22,7 @@ from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 
 from .components import build as build_component
+from .components import resolve as resolve_component
 from .guides.encoders import Encoder
 from .models.distributions.family import VariationalFamily, base_distribution
 from .models.errors import ConfigError
@@ -158,9 +159,32 @@ def build_prior_and_likelihood(
     prior_args: dict[str, Any] | None,
     likelihood_args: dict[str, Any] | None,
     num_levels: int | None,
+    num_classes: int | None = None,
 ) -> tuple[Prior, Likelihood]:
-    """Build and check the generative components: p(z) (validated) and p(x|.) for ``data_shape``."""
-    p = build_component(prior, "prior", {"latent_dim": latent_dim}, dict(prior_args or {}))
+    """Build and check the generative components: p(z) (validated) and p(x|.) for ``data_shape``.
+
+    ``num_classes`` is given by models with labels (M2); a prior p(z | y) is refused without.
+    """
+    conditional = getattr(
+        prior if isinstance(prior, torch.nn.Module) else resolve_component(prior, "prior"),
+        "label_conditional",
+        False,
+    )
+    if conditional and num_classes is None:
+        name = prior if isinstance(prior, str) else type(prior).__name__
+        raise ConfigError(
+            f"prior {name!r} is p(z | y), conditioned on the label, so it needs a model with "
+            "labels (ppl-vae ssl / fit_ssl), not this one"
+        )
+    context: dict[str, Any] = {"latent_dim": latent_dim}
+    if num_classes is not None:
+        context["num_classes"] = num_classes
+    p = build_component(prior, "prior", context, dict(prior_args or {}))
+    if conditional and int(getattr(p, "num_classes", -1)) != num_classes:
+        raise ConfigError(
+            f"prior {type(p).__name__} is built for {getattr(p, 'num_classes', None)} classes "
+            f"but the data have {num_classes}"
+        )
     p.validate()
     lik = build_component(
         likelihood,

@@ -35,7 +35,7 @@ LATENT_DIM = 3
 BATCH = 6
 KL_SCALE = 0.7
 SEED = 7
-PRIORS = available("prior")
+PRIORS = [p for p in available("prior") if p != "class-conditional"]  # p(z|y): M2 only
 LIKELIHOODS = available("likelihood")
 SERVED = ("trace", "meanfield")
 #: Priors whose p(z) is a MixtureSameFamily (only allclose under vectorised particles).

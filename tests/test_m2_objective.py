@@ -39,14 +39,18 @@ ALPHA = 2.5
 RTOL = 1e-9
 
 
-def _kind(alpha: float = ALPHA) -> M2Kind:
+def _kind(alpha: float = ALPHA, prior: str = "gaussian") -> M2Kind:
     torch.manual_seed(0)
     model = build_ssvae(
-        (D,), K, likelihood="bernoulli", label_guide="enumerate", latent_dim=2, hidden_dims=(8,)
-    ).double()
+        (D,), K, prior=prior, likelihood="bernoulli", label_guide="enumerate", latent_dim=2,
+        hidden_dims=(8,), prior_args={"learn_scale": True} if prior != "gaussian" else None,
+    ).double()  # fmt: skip
     with torch.no_grad():  # a classifier far from uniform, so that the y terms matter
         for p in model.label_guide.net.parameters():
             p.mul_(3.0)
+        if model.prior.label_conditional:  # class locations and scales far apart
+            model.prior.loc.copy_(torch.randn(K, 2, dtype=torch.float64) * 1.5)
+            model.prior.scale.copy_(torch.rand(K, 2, dtype=torch.float64) + 0.5)
     rng = np.random.default_rng(0)
     n = N_L + N_U
     x = rng.integers(0, 2, size=(n + 6, D)).astype(np.float32)
@@ -67,6 +71,16 @@ def _batches(kind: M2Kind) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return kind.x_l[:4], kind.y_l[:4], kind.x_u[:8]
 
 
+def _log_pz(model, z, y):
+    r""":math:`\log p(z)` (standard normal) or, for the class-conditional prior, :math:`\log
+    \mathcal{N}(z; \mu_y, \sigma_y^2)` with the class's row of the parameters picked by index;
+    ``y`` holds class indices broadcasting against ``z``'s batch."""
+    if not model.prior.label_conditional:
+        return torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    loc, scale = model.prior.loc[y], model.prior.scale[y]
+    return (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
+
+
 def _labelled_elbo(model, x, y, seed):
     r""":math:`\log p(x|y,z) + \log p(y) + \log p(z) - \log q(z|x,y)`, one z per point."""
     onehot = F.one_hot(y, K).double()
@@ -74,7 +88,7 @@ def _labelled_elbo(model, x, y, seed):
     q = model.q_z(x, onehot)
     z = q.rsample()
     log_py = model.class_logits.log_softmax(-1)[y]
-    log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_pz = _log_pz(model, z, y)
     logits = model.decoder(model.prior.embed(z), onehot).reshape(len(x), D)
     log_px = torch.distributions.Bernoulli(logits=logits).log_prob(x).sum(-1)
     log_qz = torch.distributions.Normal(q.base_dist.loc, q.base_dist.scale).log_prob(z).sum(-1)
@@ -90,7 +104,7 @@ def _unlabelled_elbo(model, x):
     q = model.q_z(x, eye)  # batch (K, N)
     z = q.rsample()  # (K, N, 2)
     log_pk = model.class_logits.log_softmax(-1)[:, None]  # (K, 1)
-    log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_pz = _log_pz(model, z, torch.arange(K)[:, None])
     logits = model.decoder(model.prior.embed(z), eye.expand(K, n, K)).reshape(K, n, D)
     log_px = torch.distributions.Bernoulli(logits=logits).log_prob(x).sum(-1)
     log_qz = torch.distributions.Normal(q.base_dist.loc, q.base_dist.scale).log_prob(z).sum(-1)
@@ -122,9 +136,12 @@ def test_weights_are_the_labelled_and_unlabelled_fractions():
     assert (kind.w_l, kind.w_u) == (N_L / (N_L + N_U), N_U / (N_L + N_U)) == (0.25, 0.75)
 
 
+@pytest.mark.parametrize("prior", ["gaussian", "class-conditional"])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_step_loss_value_and_gradient_equal_the_hand_computation(seed):
-    kind = _kind()
+def test_step_loss_value_and_gradient_equal_the_hand_computation(seed, prior):
+    """With p(z | y) the labelled term scores z against its class's prior and the enumerated
+    unlabelled term against every class's in turn."""
+    kind = _kind(prior=prior)
     x_l, y_l, x_u = _batches(kind)
     b_l, b_u = 2 * len(x_l), 2 * len(x_u)  # global batches of a two-rank run
     pyro.set_rng_seed(seed)

@@ -10,6 +10,9 @@ only what its geometry needs:
 * :meth:`Prior.guide_family` - the variational family of q(z|x); mirrors the prior by default,
   and is a Normal on the prior's support for a prior with no parameters to mirror (a mixture,
   a flow: :func:`~ppl_vae.models.distributions.family.family_for`).
+* :attr:`Prior.label_conditional` - a prior :math:`p(z \mid y)` of the label (M2): its
+  ``forward(y)`` takes one-hot labels ``(..., K)`` and returns a distribution of batch shape
+  ``(...)``; the engine gives it ``num_classes`` and refuses it in models without labels.
 * :meth:`Prior.attach` - called once the model's networks exist, with the encoder and the data
   shape, for a prior that is built from them (the VampPrior).
 * :meth:`Prior.embed` / :attr:`Prior.embed_dim` - what the decoder reads (von Mises: cos, sin).
@@ -51,6 +54,8 @@ class Prior(RecordsOptions, PyroModule):
     #: fits it (``--guide-family``). False for a density on the circle (von Mises) or a
     #: distribution with point masses (spike-and-slab): only their own family fits.
     euclidean: bool = True
+    #: Whether this is p(z | y): ``forward(y)`` with one-hot labels (see the module docstring).
+    label_conditional: bool = False
 
     def __init__(self, latent_dim: int) -> None:
         if type(self).forward is Prior.forward:
@@ -68,7 +73,14 @@ class Prior(RecordsOptions, PyroModule):
     def guide_family(self) -> VariationalFamily:
         """The variational family of q(z|x). Default: the prior's own distribution type, or a
         Normal on its support where it has no ``arg_constraints`` to mirror."""
-        return family_for(self.forward(), type(self).__name__)
+        return family_for(self.reference(), type(self).__name__)
+
+    def reference(self) -> dist.Distribution:
+        """p(z), or for a :attr:`label_conditional` prior p(z | y) at every class (batch
+        ``(K,)``): what the checks and the default family read."""
+        if self.label_conditional:
+            return self.forward(torch.eye(int(self.num_classes)))  # type: ignore[call-arg]
+        return self.forward()
 
     # -- the model around it -------------------------------------------------------------------
     def attach(self, *, encoder: nn.Module, data_shape: tuple[int, ...]) -> None:
@@ -106,7 +118,7 @@ class Prior(RecordsOptions, PyroModule):
     def validate(self) -> None:
         """Check that :meth:`forward` returns a distribution of event shape ``(latent_dim,)``."""
         try:
-            d = self.forward()
+            d = self.reference()
         except NotImplementedError as e:
             raise ConfigError(f"prior {type(self).__name__} does not implement forward()") from e
         if not isinstance(d, torch.distributions.Distribution):
@@ -120,7 +132,14 @@ class Prior(RecordsOptions, PyroModule):
                 f"{tuple(d.event_shape)} but latent_dim={self.latent_dim}; expected "
                 f"({self.latent_dim},) (use .to_event(1) on a vector of {self.latent_dim} values)"
             )
-        if tuple(d.batch_shape) != ():
+        want = (int(self.num_classes),) if self.label_conditional else ()  # type: ignore[attr-defined]
+        if tuple(d.batch_shape) != want and self.label_conditional:
+            raise ConfigError(
+                f"prior {type(self).__name__} is p(z | y) but forward(y) for one-hot labels of "
+                f"shape ({want[0]}, {want[0]}) returns batch shape {tuple(d.batch_shape)}; "
+                f"expected {want}"
+            )
+        if tuple(d.batch_shape) != want:
             raise ConfigError(
                 f"prior {type(self).__name__} returns batch shape {tuple(d.batch_shape)}; "
                 "expected () (the model expands p(z) over the data plate)"

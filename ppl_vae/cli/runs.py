@@ -136,7 +136,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
             out.with_suffix(".png"),
             rows,
             titles,
-            suptitle=f"{n} samples per class (rows);\nz ~ p(z) shared down each column ({what})",
+            suptitle=f"{n} samples per class (rows);\n"
+            + (
+                f"z ~ p(z | class) per row ({what})"
+                if run.model.prior.label_conditional
+                else f"z ~ p(z) shared down each column ({what})"
+            ),
         )
     else:
         imgs = _as_images(x, run.dataset.image_shape)

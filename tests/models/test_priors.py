@@ -23,7 +23,12 @@ CATALOGUE: dict[str, dict] = {
     "mixture": {"num_components": 3},
     "flow": {"num_flows": 2},
     "vamp": {"num_components": 4},
+    "class-conditional": {},  # p(z | y): tested in M2 (tests/test_ssl.py), refused here
 }
+
+#: Priors of the label, p(z | y): only models with labels take them.
+LABEL_CONDITIONAL = {"class-conditional"}
+VAE_PRIORS = sorted(set(CATALOGUE) - LABEL_CONDITIONAL)
 
 #: (prior, estimator) pairs that must refuse, with the reason in the message.
 REFUSED = {
@@ -52,7 +57,7 @@ def _vae(prior: str, latent_dim: int = 3):
     )
 
 
-@pytest.mark.parametrize("prior", sorted(CATALOGUE))
+@pytest.mark.parametrize("prior", VAE_PRIORS)
 def test_shapes_and_device(prior, device):
     vae = _vae(prior).to(device)
     x = torch.rand(5, 64, device=device).round()
@@ -66,7 +71,7 @@ def test_shapes_and_device(prior, device):
 
 
 @pytest.mark.parametrize("estimator", estimator_names())
-@pytest.mark.parametrize("prior", sorted(CATALOGUE))
+@pytest.mark.parametrize("prior", VAE_PRIORS)
 def test_a_few_svi_steps_with_each_estimator(prior, estimator):
     torch.manual_seed(0)
     vae = _vae(prior)
@@ -102,7 +107,7 @@ def _log_mean_exp_and_se(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return est, (rel_var / k).sqrt(), rel_var / (2 * k)
 
 
-@pytest.mark.parametrize("prior", sorted(CATALOGUE))
+@pytest.mark.parametrize("prior", VAE_PRIORS)
 def test_importance_sampled_evaluation(prior):
     r"""The guide-proposal estimate of :math:`\log p(x)` against an independent one that never
     touches the guide: :math:`\log \frac1S \sum_s p(x \mid z_s)`, :math:`z_s \sim p(z)`. On an
@@ -125,3 +130,9 @@ def test_importance_sampled_evaluation(prior):
     assert bool(((s.log_likelihood - ref).abs() < tol).all()), (s.log_likelihood - ref, tol)
     # Jensen per point (holds for any weights; here next to the check above)
     assert bool((s.log_likelihood >= s.elbo - 1e-5).all())
+
+
+@pytest.mark.parametrize("prior", sorted(LABEL_CONDITIONAL))
+def test_a_prior_of_the_label_is_refused_by_a_model_without_labels(prior):
+    with pytest.raises(ConfigError, match=r"is p\(z \| y\), conditioned on the label"):
+        _vae(prior)
