@@ -360,6 +360,10 @@ class SSLConfig(RunConfig):
             ``benchmarks/ssl_digits.py``, alpha = 3 (78) within 0.003 of it; in its third
             stage (latent 32, 200 epochs) alpha = 100 tied with 10 and 30 was 0.002 lower.
         class_probs: :math:`\pi` of :math:`p(y)`; empty for uniform.
+        estimator: the ELBO estimator of both bounds (``ppl_vae.make_elbo`` spec: ``trace``,
+            ``meanfield``, ``iwae:5``, ...); ``None`` (the default) takes the label guide's own
+            (``enum`` for ``enumerate``, ``trace`` for ``relaxed``, ``tracegraph`` for
+            ``sample``). Only ``enum`` trains an enumerating guide, and only such a guide.
         likelihood: a likelihood name, or ``"auto"``: ``discretized-logistic`` for quantised
             data with more than two levels (8-bit images, digits), ``bernoulli`` for binary data,
             ``continuous-bernoulli`` for other data in [0, 1], else ``normal``.
@@ -397,6 +401,7 @@ class SSLConfig(RunConfig):
     label_guide_args: dict[str, Any] = field(default_factory=dict)
     alpha: float = 0.1
     class_probs: list[float] = field(default_factory=list)
+    estimator: str | None = None
     # optimisation
     labelled_batch_size: int | None = None
     # evaluation

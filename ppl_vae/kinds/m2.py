@@ -12,7 +12,8 @@ step loss of a shard is
 with :math:`w_l = N_l / N`, :math:`w_u = N_u / N`: three Pyro ELBOs, each the
 ``differentiable_loss`` of a Pyro program pair. The labelled bound is ``Trace_ELBO`` (or
 ``TraceGraph_ELBO`` for score-function label guides) on ``model(x, y)`` / ``guide(x, y)``; the
-unlabelled one is the label guide's estimator on ``model(x)`` / ``guide(x)``; the classification
+unlabelled one is the label guide's estimator on ``model(x)`` / ``guide(x)`` (a config's
+``estimator``, when set, trains both bounds instead); the classification
 term is ``Trace_ELBO`` on :meth:`~ppl_vae.ssl.SSVAE.classifier_model`, whose observed site is
 scaled by :math:`1/B_l` with ``poutine.scale``, as Pyro's own M2 example writes it. The shards'
 losses sum to the single-process step loss (in one process the shards are the batches).
@@ -40,8 +41,9 @@ from ..components import build as build_component
 from ..components import spec_of
 from ..data import Dataset
 from ..guides.labels.base import LabelGuide
-from ..inference.estimators import make_elbo
+from ..inference.estimators import make_elbo, parse_estimator
 from ..inference.scoring import Scores, bits_per_dim
+from ..models.errors import ConfigError
 from ..training.trainer import write_history_csv
 from .base import ModelKind
 
@@ -257,12 +259,21 @@ class M2Kind(ModelKind):
         self.labelled_batches = Cycler(
             self.n_l, self.b_l, torch.Generator().manual_seed(cfg.seed + 1)
         )
-        self.estimator = type(model.label_guide).estimator
+        own = type(model.label_guide).estimator
+        chosen = getattr(cfg, "estimator", None)
+        self.estimator = own if chosen is None else chosen
+        if chosen is not None and (parse_estimator(chosen)[0] == "enum") != (own == "enum"):
+            raise ConfigError(
+                f"estimator {chosen!r} cannot train label guide {cfg.label_guide!r}: only 'enum' "
+                "sums over an enumerated y, and only an enumerating guide (estimator "
+                f"{own!r}) enumerates it"
+            )
         self.unlabelled_elbo = make_elbo(self.estimator, cfg.num_particles, max_plate_nesting=1)
+        # The labelled bound has no y site: by default 'trace' ('tracegraph' for score-function
+        # guides); a chosen estimator trains it too ('enum' there is 'trace').
+        labelled = ("tracegraph" if own == "tracegraph" else "trace") if chosen is None else chosen
         self.labelled_elbo = make_elbo(
-            "tracegraph" if self.estimator == "tracegraph" else "trace",
-            cfg.num_particles,
-            max_plate_nesting=1,
+            "trace" if labelled == "enum" else labelled, cfg.num_particles, max_plate_nesting=1
         )
         self.class_elbo = make_elbo("trace", 1, max_plate_nesting=1)
         total = self.n_l + self.n_u
