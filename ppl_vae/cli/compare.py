@@ -4,10 +4,16 @@ Example::
 
     ppl-vae compare --estimators trace,meanfield,tracegraph,iwae:5,renyi:0.5 --seeds 0,1,2 \
         --epochs 50 --out runs/compare
+    ppl-vae compare --kind m2 --label-guides enumerate,relaxed,sample --labels 50 --epochs 50 \
+        --out runs/compare-m2
 
 Takes the model flags of ``ppl-vae fit`` (``--estimator`` excepted; ``--seed`` fixes the data
-split, ``--seeds`` the training runs). :func:`register` adds the command to the ``ppl-vae``
-parser; ``python -m ppl_vae.cli.compare [flags]`` runs it on its own.
+split, ``--seeds`` the training runs). With ``--kind m2`` (or a ``--config`` that records kind
+``m2``, e.g. an ``ppl-vae ssl`` run's ``config.toml``) it compares (estimator, label guide) rows
+of the M2 model and also takes ``ppl-vae ssl``'s M2 flags (``--labels``, ``--label-guide``,
+``--alpha``, ...), declared by ``ppl-vae ssl`` itself and parsed the same way. :func:`register`
+adds the command to the ``ppl-vae`` parser; ``python -m ppl_vae.cli.compare [flags]`` runs it on
+its own.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,18 @@ from .fit import add_model_options, config_from_args
 
 DEFAULT_ESTIMATORS = "trace,meanfield,tracegraph,iwae:5,dreg:5,stl"
 DEFAULT_SEEDS = "0,1,2"
+#: The ``ppl-vae ssl`` flags ``compare --kind m2`` takes (their ``dest``), besides the shared ones.
+M2_DESTS = (
+    "labels",
+    "num_classes",
+    "svhn_extra",
+    "label_guide",
+    "label_guide_arg",
+    "alpha",
+    "class_probs",
+    "labelled_batch_size",
+    "elbo_samples",
+)
 
 
 def _seed_list(text: str) -> list[int]:
@@ -48,6 +67,16 @@ def _epoch_list(text: str) -> list[int]:
         ) from None
 
 
+def _ssl_actions() -> list[argparse.Action]:
+    """``ppl-vae ssl``'s own declarations of the M2 flags (same parsing, same help)."""
+    from . import ssl
+
+    parser = Parser(prog="ppl-vae")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    ssl.register(sub)
+    return [a for a in sub.choices["ssl"]._actions if a.dest in M2_DESTS]
+
+
 def register(subparsers: Any) -> None:
     r"""Add the ``compare`` command to an ``argparse`` sub-parser collection.
 
@@ -56,25 +85,45 @@ def register(subparsers: Any) -> None:
     """
     p = subparsers.add_parser(
         "compare",
-        help="compare ELBO estimators on one model, data split and set of seeds",
+        help="compare ELBO estimators (M2: estimators and label guides) on one model, data split "
+        "and set of seeds",
         description=(
             "Train the same VAE (same data split, same initial weights per seed) once per "
             "estimator and seed; write compare.csv, compare.md (mean ± sd over seeds), "
             "figures and arviz NetCDF posterior draws. --seed fixes the data split; --seeds "
-            "the training runs."
+            "the training runs. --kind m2 compares (estimator, label guide) rows of the M2 "
+            "semi-supervised model instead, with test accuracy."
         ),
     )
     p.add_argument(
-        "--estimators",
-        default=DEFAULT_ESTIMATORS,
-        help=f"comma-separated estimator specs (default {DEFAULT_ESTIMATORS})",
+        "--kind",
+        choices=("vae", "user", "m2"),
+        help="model kind: vae (the built-in VAE), user (--model), m2 (the ppl-vae ssl model); "
+        "default the kind --config records, else vae",
     )
     p.add_argument(
-        "--seeds", type=_seed_list, default=_seed_list(DEFAULT_SEEDS),
-        help=f"comma-separated training seeds (default {DEFAULT_SEEDS})",
+        "--estimators",
+        help=f"comma-separated estimator specs (default {DEFAULT_ESTIMATORS}); with --kind m2 "
+        "also 'auto' (each label guide's own: enum, trace, tracegraph; the default) and pairs "
+        "ESTIMATOR@GUIDE (e.g. enum@enumerate,trace@relaxed,iwae:5@relaxed)",
+    )
+    p.add_argument(
+        "--label-guides",
+        help="--kind m2: comma-separated label guides, each paired with every estimator not "
+        "given as a pair (default --label-guide)",
+    )
+    p.add_argument(
+        "--seeds", type=_seed_list,
+        help=f"comma-separated training seeds (default {DEFAULT_SEEDS}; --kind m2: --seed, and "
+        "each seed is a whole ppl-vae ssl --seed: data split, labelled subset, initial weights)",
     )  # fmt: skip
     p.add_argument("--config", help="a config.toml/.json to start from (flags override it)")
     add_model_options(p)
+    m2 = p.add_argument_group(
+        "M2 (--kind m2; as ppl-vae ssl, whose defaults the shared options then take)"
+    )
+    for action in _ssl_actions():
+        m2._add_action(action)
     g = p.add_argument_group("measurements")
     g.add_argument(
         "--grad-points", type=_epoch_list,
@@ -86,7 +135,8 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     g.add_argument(
         "--grad-batch-size", type=int,
-        help="size of the fixed gradient batch (default --batch-size)",
+        help="size of the fixed gradient batch (default --batch-size; M2: its unlabelled points, "
+        "beside one labelled batch)",
     )  # fmt: skip
     g.add_argument(
         "--khat-points", type=int, default=100,
@@ -94,7 +144,8 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     g.add_argument(
         "--khat-samples", type=int,
-        help="importance samples per point for k-hat (default --log-likelihood-samples)",
+        help="importance samples per point for k-hat (default --log-likelihood-samples; M2: z "
+        "per class, default 100)",
     )  # fmt: skip
     g.add_argument(
         "--posterior-points", type=int, default=5,
@@ -116,10 +167,38 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _flags(names: Sequence[str]) -> str:
+    return ", ".join(
+        "--" + n.removesuffix("_args").replace("_", "-") + ("-arg" if n.endswith("_args") else "")
+        for n in names
+    )
+
+
+def _apply(names: Sequence[str]) -> str:
+    return "applies" if len(names) == 1 else "apply"
+
+
+def _kind_and_base(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The model kind (``--kind``, else the one ``--config`` records, else ``vae``) and the
+    options ``--config`` gives."""
+    from ..config import ConfigFile, load_run_config, run_kind
+
+    kind = args.kind
+    if not args.config:
+        return kind or "vae", {}
+    recorded = run_kind(args.config)
+    if kind is not None and ConfigFile.by_kind[kind] is not ConfigFile.by_kind[recorded]:
+        raise ConfigError(
+            f"--kind {kind} asked for, but --config {args.config!r} records model kind {recorded!r}"
+        )
+    return kind or recorded, load_run_config(args.config).to_dict()
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``ppl-vae compare``; print the Markdown table."""
-    from ..config import FitConfig
+    from ..config import FitConfig, SSLConfig
     from ..runs.compare import compare_estimators
+    from .ssl import config_from_args as ssl_config_from_args
 
     given = config_from_args(args)
     if "estimator" in given:
@@ -127,14 +206,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "ppl-vae compare takes --estimators (a comma-separated list), not --estimator, "
             f"got --estimator {given['estimator']!r}"
         )
-    base = FitConfig.load(args.config).to_dict() if args.config else {}
+    kind, base = _kind_and_base(args)
+    fit_names = {f.name for f in fields(FitConfig)}
+    ssl_names = {f.name for f in fields(SSLConfig)}
+    if kind == "m2":
+        wrong = sorted(set(given) - ssl_names)
+        if wrong:
+            raise ConfigError(
+                f"{_flags(wrong)} {_apply(wrong)} to ppl-vae fit's kinds (--kind vae or user), not to "
+                "--kind m2"
+            )
+        given = ssl_config_from_args(args)
+        if args.seeds is not None and "seed" in given:
+            raise ConfigError(
+                "with --kind m2 each of --seeds is a whole ppl-vae ssl --seed (data split, "
+                "labelled subset, initial weights): give --seeds or --seed, not both"
+            )
+        seeds = args.seeds
+        estimators = args.estimators
+    else:
+        m2_given = sorted(set(ssl_config_from_args(args)) - fit_names)
+        if args.label_guides is not None:
+            m2_given.insert(0, "label_guides")
+        if m2_given:
+            raise ConfigError(
+                f"{_flags(m2_given)} {_apply(m2_given)} to --kind m2 only (add --kind m2)"
+            )
+        seeds = args.seeds if args.seeds is not None else _seed_list(DEFAULT_SEEDS)
+        estimators = args.estimators if args.estimators is not None else DEFAULT_ESTIMATORS
     base.update(given)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
     result = compare_estimators(
-        args.estimators,
-        args.seeds,
+        estimators,
+        seeds,
         base,
         out,
+        kind=args.kind or ("m2" if kind == "m2" else None),  # vae/user: what --model says
+        label_guides=args.label_guides,
         grad_points=args.grad_points,
         grad_repeats=args.grad_repeats,
         grad_batch_size=args.grad_batch_size,

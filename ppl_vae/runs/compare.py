@@ -42,6 +42,12 @@ estimator), and per run ``runs/<estimator>-seed<seed>/`` (``fit``'s run director
 ``posterior.nc``: draws of :math:`z \sim q(z \mid x)` for ``posterior_points`` test points and
 their log importance weights, as arviz ``InferenceData``.
 
+**M2** (``kind="m2"``, :mod:`.compare_m2`): each row is an (estimator, label guide) pair trained
+by :func:`~ppl_vae.ssl.fit_ssl` on one seed's data split and labelled subset, from the same
+initial weights; the columns add ``test_accuracy`` (and the validation accuracies) to the test
+ELBO and log p(x) of M2's own evaluation (y summed out exactly), the gradient groups add the
+``classifier``, and the curve figure is ``figures/accuracy_vs_time.png``.
+
 References:
     Rainforth, Kosiorek, Le, Maddison, Igl, Wood, Teh (2018), Tighter variational bounds are
     not necessarily better.
@@ -74,10 +80,12 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
-from ..config import FitConfig, write_text_atomic
+from ..config import ConfigFile, FitConfig, SSLConfig, write_text_atomic
 from ..data import Dataset
 from ..inference.estimators import make_elbo, parse_estimator
 from ..inference.scoring import log_weights, mean_elbo
+from ..kinds.m2 import LOG_LIKELIHOOD_SAMPLES as M2_LOG_LIKELIHOOD_SAMPLES
+from ..kinds.m2 import TRAIN_LOG_LIKELIHOOD_SAMPLES as M2_TRAIN_LOG_LIKELIHOOD_SAMPLES
 from ..models.errors import ConfigError
 from ..train import (
     TrainingError,
@@ -93,13 +101,19 @@ from ..training.optim import make_adam
 from ..vae import VAE
 
 __all__ = [
+    "DEFAULT_ESTIMATORS",
     "CompareResult",
     "GradientStats",
+    "RunJob",
     "RunRecord",
+    "canonical_estimator",
     "compare_estimators",
     "gradient_statistics",
     "initial_weights_digest",
+    "maxrss_mb",
+    "posterior_draws",
     "preserved_rng",
+    "weights_digest",
 ]
 
 #: k-hat above which importance sampling (and q as a proposal) is unreliable (Vehtari et al.).
@@ -107,6 +121,8 @@ KHAT_THRESHOLD = 0.7
 OUTPUT_FILES = ("compare.csv", "compare.md", "curves.csv", "khat.csv")
 OUTPUT_DIRS = ("figures", "runs")
 _GROUPS = ("encoder", "decoder")
+#: The estimators of a VAE comparison when none are given.
+DEFAULT_ESTIMATORS = ("trace", "meanfield", "tracegraph", "iwae:5", "dreg:5", "stl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,8 +336,13 @@ class _GradientProbe:
 # --------------------------------------------------------------------------------------------
 def initial_weights_digest(vae: torch.nn.Module) -> str:
     """SHA-256 (first 16 hex digits) of a module's parameters and buffers, in state-dict order."""
+    return weights_digest(vae.state_dict())
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (first 16 hex digits) of named tensors (names and bytes), in the mapping's order."""
     h = hashlib.sha256()
-    for name, t in vae.state_dict().items():
+    for name, t in state.items():
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -367,7 +388,7 @@ def _importance_log_weights(vae: VAE, x: torch.Tensor, samples: int, chunk: int)
 
 
 @torch.no_grad()
-def _posterior_draws(
+def posterior_draws(
     vae: VAE, x: torch.Tensor, draws: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     r"""``draws`` samples of every latent site :math:`z_s \sim q(z \mid x)`, each
@@ -406,14 +427,21 @@ def _warm_up(cfg: FitConfig, dataset: Dataset, x: torch.Tensor) -> None:
         torch.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict()}, io.BytesIO())
 
 
-def _maxrss_mb() -> float:
+def maxrss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (``ru_maxrss``)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
 
 
 @dataclass
-class _Job:
+class RunJob:
+    """What one run (a process of its own when isolated) needs: its config and measurements.
+
+    ``kind`` is ``"vae"`` (the VAE or a user's pair, trained by ``fit``) or ``"m2"`` (trained by
+    ``fit_ssl``, :mod:`.compare_m2`); an M2 run has its ``row`` (resolved estimator, label guide,
+    particles) and the ``reference`` initial values of the weights every row shares.
+    """
+
     config: dict[str, Any]
     data_seed: int
     dataset: Dataset | None
@@ -429,11 +457,14 @@ class _Job:
     fit_figures: bool
     isolated: bool
     num_threads: int | None = None
+    kind: str = "vae"
+    row: tuple[str, str, int] | None = None
+    reference: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
 class RunRecord:
-    """Everything measured in one (estimator, seed) run."""
+    """Everything measured in one (estimator, seed) run; M2 runs also have a ``label_guide``."""
 
     estimator: str
     seed: int
@@ -451,10 +482,23 @@ class RunRecord:
     memory: dict[str, float] = field(default_factory=dict)
     run_dir: str | None = None
     khat: np.ndarray | None = None  # (khat_points,), filled in by the parent
+    label_guide: str | None = None  # M2: the row's label guide
+    init_from_reference: bool | None = None  # M2: shared weights set to the first row's
+
+    @property
+    def label(self) -> str:
+        """The row's name in tables and figures: ``estimator`` (M2: ``estimator @ guide``)."""
+        if self.label_guide is None:
+            return self.estimator
+        return f"{self.estimator} @ {self.label_guide}"
 
 
-def _run_one(job: _Job) -> RunRecord:
+def _run_one(job: RunJob) -> RunRecord:
     """Train and measure one (estimator, seed). Runs in a fresh process when ``isolated``."""
+    if job.kind == "m2":
+        from .compare_m2 import run_m2
+
+        return run_m2(job)
     if job.num_threads is not None:
         torch.set_num_threads(job.num_threads)
     cfg = FitConfig.from_dict(job.config)
@@ -472,7 +516,7 @@ def _run_one(job: _Job) -> RunRecord:
     memory: dict[str, float] = {}
     if job.isolated:
         _warm_up(cfg, dataset, batch[:2])
-        memory["rss_baseline_mb"] = _maxrss_mb()
+        memory["rss_baseline_mb"] = maxrss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -480,7 +524,7 @@ def _run_one(job: _Job) -> RunRecord:
         # Called at the start of every on_epoch_end, before the gradient probe: the last reading
         # covers training, per-epoch validation and the probes of earlier epochs (one batch).
         if job.isolated:
-            memory["rss_peak_train_mb"] = _maxrss_mb()
+            memory["rss_peak_train_mb"] = maxrss_mb()
         if cuda:
             memory["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
 
@@ -522,7 +566,7 @@ def _run_one(job: _Job) -> RunRecord:
         if job.posterior_index and job.posterior_draws > 0:
             idx = [i for i in job.posterior_index if i < test_x.shape[0]]
             xp = test_x[idx]
-            z, plw = _posterior_draws(vae, xp, job.posterior_draws)
+            z, plw = posterior_draws(vae, xp, job.posterior_draws)
             record.posterior_z = {k: v.double().cpu().numpy() for k, v in z.items()}
             record.posterior_log_weights = plw.double().cpu().numpy()
             record.posterior_x = xp.cpu().numpy()
@@ -531,7 +575,7 @@ def _run_one(job: _Job) -> RunRecord:
     return record
 
 
-def _child(conn: Any, job: _Job) -> None:
+def _child(conn: Any, job: RunJob) -> None:
     """Entry point of an isolated run's process: send back ``("ok", record)`` or the error."""
     try:
         conn.send(("ok", _run_one(job)))
@@ -544,7 +588,7 @@ def _child(conn: Any, job: _Job) -> None:
         conn.close()
 
 
-def _run_isolated(job: _Job) -> RunRecord:
+def _run_isolated(job: RunJob) -> RunRecord:
     """Run ``job`` in a fresh ``spawn``-ed process (a clean peak-RSS counter per run)."""
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
@@ -576,7 +620,7 @@ def _run_isolated(job: _Job) -> RunRecord:
 # --------------------------------------------------------------------------------------------
 # The comparison
 # --------------------------------------------------------------------------------------------
-def _canonical(spec: str) -> str:
+def canonical_estimator(spec: str) -> str:
     name, arg = parse_estimator(spec)
     return name if arg is None else f"{name}:{arg:g}"
 
@@ -592,7 +636,7 @@ def _as_spec_list(estimators: Sequence[str] | str) -> list[str]:
         raise ConfigError(
             f"`estimators` must be a non-empty list like ['trace', 'iwae:5'], got {estimators!r}"
         )
-    specs = [_canonical(s) for s in estimators]
+    specs = [canonical_estimator(s) for s in estimators]
     dup = sorted({s for s in specs if specs.count(s) > 1})
     if dup:
         raise ConfigError(f"`estimators` lists {dup} more than once")
@@ -674,12 +718,36 @@ class CompareResult:
         return _markdown(self)
 
 
+def _config_class(kind: str | None, config: Any) -> type[FitConfig] | type[SSLConfig]:
+    """The config class of ``kind`` if given (checked against ``config``), else of the kind
+    ``config`` records (an :class:`SSLConfig`, or a dict with ``kind``), else :class:`FitConfig`."""
+    recorded: str | None = None
+    if isinstance(config, SSLConfig):
+        recorded = "m2"
+    elif isinstance(config, FitConfig):
+        recorded = config.kind
+    elif isinstance(config, dict) and config.get("kind") is not None:
+        recorded = config["kind"]
+    for name, value in (("`kind`", kind), ("the config's kind", recorded)):
+        if value is not None and value not in ConfigFile.by_kind:
+            raise ConfigError(f"{name} must be one of {sorted(ConfigFile.by_kind)}, got {value!r}")
+    if kind is not None and recorded is not None:
+        if ConfigFile.by_kind[recorded] is not ConfigFile.by_kind[kind]:
+            raise ConfigError(
+                f"kind {kind!r} asked for, but the config is of model kind {recorded!r}"
+            )
+    chosen = kind or recorded
+    return SSLConfig if chosen == "m2" else FitConfig
+
+
 def compare_estimators(
-    estimators: Sequence[str] | str,
-    seeds: Sequence[int],
-    config: FitConfig | dict[str, Any] | None = None,
+    estimators: Sequence[str] | str | None,
+    seeds: Sequence[int] | None,
+    config: FitConfig | SSLConfig | dict[str, Any] | None = None,
     out: str | Path | None = None,
     *,
+    kind: str | None = None,
+    label_guides: Sequence[str] | str | None = None,
     grad_points: Sequence[int] | None = None,
     grad_repeats: int = 100,
     grad_batch_size: int | None = None,
@@ -694,27 +762,38 @@ def compare_estimators(
     quiet: bool = True,
     **options: Any,
 ) -> CompareResult:
-    r"""Train the same VAE with each estimator and seed; measure and tabulate.
+    r"""Train the same model with each estimator (M2: each estimator and label guide) and seed;
+    measure and tabulate.
 
-    Every (estimator, seed) run uses the same model, data split, fixed gradient batch and, for a
-    given seed, the same initial weights; see the module docstring for what is measured.
+    Every run uses the same model, data split, fixed gradient batch and, for a given seed, the
+    same initial weights; see the module docstring for what is measured, and
+    :mod:`~ppl_vae.runs.compare_m2` for the M2 kind.
 
     Args:
         estimators: specs such as ``["trace", "meanfield", "tracegraph", "iwae:5", "dreg:5",
             "stl", "renyi:0.5"]`` (or one comma-separated string). All are validated, and each
-            loss evaluated once on the model, before any training.
-        seeds: training seeds (initial weights, batches, noise), e.g. ``[0, 1, 2]``.
-        config: a :class:`FitConfig` or dict; its ``seed`` fixes the data split (``data_seed``),
-            its ``estimator`` is ignored; keyword ``options`` override fields (``epochs=20``).
+            loss evaluated once on the model, before any training. M2: also ``"auto"`` (each
+            label guide's own estimator, the default) and pairs ``"ESTIMATOR@GUIDE"``.
+        seeds: training seeds (initial weights, batches, noise), e.g. ``[0, 1, 2]``; None is the
+            config's ``seed``. M2: each is a whole ``ppl-vae ssl --seed`` (data split, labelled
+            subset, initial weights), so each run directory reproduces with ``ppl-vae ssl
+            --config``; rows of one seed share all three.
+        config: a :class:`FitConfig`, an :class:`SSLConfig` (M2) or dict; for the VAE its
+            ``seed`` fixes the data split (``data_seed``); its ``estimator`` is ignored; keyword
+            ``options`` override fields (``epochs=20``).
         out: output directory (see the module docstring); None keeps everything in memory.
+        kind: ``"vae"``, ``"user"`` or ``"m2"``; default the config's (``"vae"`` without one).
+        label_guides: M2: the label guides each estimator (not given as a pair) is paired with;
+            default the config's ``label_guide``.
         grad_points: epochs (1-based) after which gradients are probed; default first, middle
             and last epoch.
         grad_repeats: gradient evaluations per probe (R).
-        grad_batch_size: size of the fixed probe batch; default the training batch size.
+        grad_batch_size: size of the fixed probe batch; default the training batch size (M2:
+            its unlabelled points, beside one labelled batch).
         khat_points: test points whose PSIS :math:`\hat k` is computed (the first ones of the
             test split); 0 skips k-hat.
         khat_samples: importance samples per point for k-hat; default the config's
-            ``log_likelihood_samples``.
+            ``log_likelihood_samples`` (M2: z per class, default 100).
         posterior_points: test points (a count of the first ones, or indices) whose posterior
             draws are saved as NetCDF.
         posterior_draws: draws per point.
@@ -725,29 +804,49 @@ def compare_estimators(
         fit_figures: let every run write ``fit``'s own figures into its run directory.
         dataset: an already-loaded :class:`~ppl_vae.data.Dataset` instead of ``config.data``.
         quiet: no progress lines (and no progress bars from ``fit``).
-        **options: :class:`FitConfig` fields.
+        **options: fields of the kind's config class.
 
     Returns:
         A :class:`CompareResult`.
 
     Raises:
-        ConfigError: an unknown or unusable estimator, a bad option, or an existing ``out``
-            (without ``overwrite``), before anything is trained or written.
+        ConfigError: an unknown or unusable estimator or label guide, a bad option, or an
+            existing ``out`` (without ``overwrite``), before anything is trained or written.
 
     Example:
         >>> res = compare_estimators(["trace", "iwae:5"], [0, 1], epochs=5)  # doctest: +SKIP
+        >>> m2 = compare_estimators("auto", None, kind="m2", label_guides="enumerate,relaxed",
+        ...                         labels=50, epochs=5)  # doctest: +SKIP
         >>> print(res.markdown())  # doctest: +SKIP
     """
     # -- validate everything before training ------------------------------------------------
-    specs = _as_spec_list(estimators)
-    seed_list = _as_seed_list(seeds)
-    base = config_as_dict(FitConfig, config)
+    cls = _config_class(kind, config)
+    base = config_as_dict(cls, config)
+    base.pop("kind", None)
     if "estimator" in options:
         raise ConfigError("pass the estimators as `estimators`, not as the option `estimator`")
     base.update(options)
-    cfg = FitConfig.from_dict(base)
-    for spec in specs:
-        make_elbo(spec, cfg.num_particles, cfg.vectorize_particles, max_plate_nesting=1)
+    cfg = cls.from_dict(base)
+    kind_name = cfg.kind
+    if kind is not None and kind != kind_name:
+        raise ConfigError(
+            f"kind {kind!r} asked for, but the options give kind {kind_name!r}"
+            + (" (`model` names a user's pair)" if kind_name == "user" else " (no `model` given)")
+        )
+    m2 = kind_name == "m2"
+    if not m2 and label_guides is not None:
+        raise ConfigError(f"`label_guides` apply to the M2 kind only, not to kind {kind_name!r}")
+    seed_list = _as_seed_list([cfg.seed] if seeds is None else seeds)
+    rows: list[tuple[str, str]] = []
+    if m2:
+        from .compare_m2 import parse_rows
+
+        rows = parse_rows(estimators, label_guides, cfg.label_guide)
+        specs = []
+    else:
+        specs = _as_spec_list(DEFAULT_ESTIMATORS if estimators is None else estimators)
+        for spec in specs:
+            make_elbo(spec, cfg.num_particles, cfg.vectorize_particles, max_plate_nesting=1)
     points = (
         default_grad_points(cfg.epochs)
         if grad_points is None
@@ -761,7 +860,10 @@ def compare_estimators(
     batch_size = cfg.batch_size if grad_batch_size is None else grad_batch_size
     _positive_int("grad_batch_size", batch_size)
     _positive_int("khat_points", khat_points, 0)
-    k_samples = cfg.log_likelihood_samples if khat_samples is None else khat_samples
+    if khat_samples is not None:
+        k_samples = khat_samples
+    else:
+        k_samples = M2_LOG_LIKELIHOOD_SAMPLES if m2 else cfg.log_likelihood_samples
     _positive_int("khat_samples", k_samples, 2)
     if isinstance(posterior_points, int) and not isinstance(posterior_points, bool):
         post_index = tuple(range(_positive_int("posterior_points", posterior_points, 0)))
@@ -777,49 +879,86 @@ def compare_estimators(
     if out_dir is not None:
         _check_out(out_dir, overwrite)
 
-    data_seed = cfg.seed
-    data = dataset if dataset is not None else _load_dataset(cfg, data_seed)
-    _preflight(cfg, data, specs)
+    # -- every run's job, after a preflight of every estimator (and label guide) ----------------
+    jobs: list[RunJob] = []
+    names: list[str] = []
+    common = dict(
+        grad_points=points,
+        grad_repeats=grad_repeats,
+        grad_batch_size=batch_size,
+        khat_points=khat_points,
+        khat_samples=k_samples,
+        posterior_index=post_index,
+        posterior_draws=posterior_draws,
+        quiet=quiet,
+        fit_figures=fit_figures,
+        isolated=isolate,
+        num_threads=torch.get_num_threads(),
+    )
+    groups = list(_GROUPS)
+    if m2:
+        assert isinstance(cfg, SSLConfig)
+        from .compare_m2 import plan_m2, row_config, run_name
+
+        plan = plan_m2(cfg, rows, seed_list, dataset)
+        groups = plan.groups
+        specs = list(dict.fromkeys(r[0] for r in plan.rows))
+        data_seed = cfg.seed
+        for (est, guide, particles, given), seed in ((r, s) for r in plan.rows for s in seed_list):
+            name = run_name(est, guide, seed)
+            while name in names:
+                name += "-2"
+            names.append(name)
+            jobs.append(
+                RunJob(
+                    config=row_config(cfg, given, guide, seed).to_dict(),
+                    data_seed=seed,
+                    dataset=dataset,
+                    run_dir=str(out_dir / "runs" / name) if out_dir is not None else None,
+                    kind="m2",
+                    row=(est, guide, particles),
+                    reference=plan.references[seed],
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+    else:
+        data_seed = cfg.seed
+        data = dataset if dataset is not None else _load_dataset(cfg, data_seed)
+        _preflight(cfg, data, specs)
+        for spec, seed in ((sp, s) for sp in specs for s in seed_list):
+            d = cfg.to_dict()
+            d.update(estimator=spec, seed=seed)
+            name = _run_name(spec, seed)
+            jobs.append(
+                RunJob(
+                    config=d,
+                    data_seed=data_seed,
+                    dataset=dataset,
+                    run_dir=str(out_dir / "runs" / name) if out_dir is not None else None,
+                    **common,  # type: ignore[arg-type]
+                )
+            )
 
     # -- run ---------------------------------------------------------------------------------
     if out_dir is not None:
         _clear_outputs(out_dir)
         (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     runs: list[RunRecord] = []
-    total = len(specs) * len(seed_list)
-    for i, (spec, seed) in enumerate((sp, s) for sp in specs for s in seed_list):
-        d = cfg.to_dict()
-        d.update(estimator=spec, seed=seed)
-        run_dir = str(out_dir / "runs" / _run_name(spec, seed)) if out_dir is not None else None
-        job = _Job(
-            config=d,
-            data_seed=data_seed,
-            dataset=dataset,
-            run_dir=run_dir,
-            grad_points=points,
-            grad_repeats=grad_repeats,
-            grad_batch_size=batch_size,
-            khat_points=khat_points,
-            khat_samples=k_samples,
-            posterior_index=post_index,
-            posterior_draws=posterior_draws,
-            quiet=quiet,
-            fit_figures=fit_figures,
-            isolated=isolate,
-            num_threads=torch.get_num_threads(),
-        )
+    for i, job in enumerate(jobs):
         t0 = time.perf_counter()
         record = _run_isolated(job) if isolate else _run_one(job)
         record.khat = _khat(record.khat_log_weights)
         runs.append(record)
         if not quiet:
-            what = (
-                f"test ELBO {record.metrics['test_elbo']:.2f}"
-                if record.status == "ok"
-                else record.status
-            )
+            m = record.metrics
+            what = record.status
+            if record.status == "ok":
+                what = f"test ELBO {m['test_elbo']:.2f}"
+                if "test_accuracy" in m:
+                    what = f"test accuracy {m['test_accuracy']:.4f}, {what}"
             print(
-                f"[{i + 1}/{total}] {spec} seed {seed}: {what} ({time.perf_counter() - t0:.1f} s)",
+                f"[{i + 1}/{len(jobs)}] {record.label} seed {record.seed}: {what} "
+                f"({time.perf_counter() - t0:.1f} s)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -827,14 +966,22 @@ def compare_estimators(
     memory = ["cuda_peak_allocated_mb"] if device.type == "cuda" else []
     if isolate:
         memory = ["rss_peak_train_mb", "rss_baseline_mb", "rss_train_increase_mb", *memory]
+    labels = list(dict.fromkeys(r.label for r in runs))
     meta = {
+        "kind": kind_name,
         "estimators": specs,
+        "rows": labels,
+        "label_guides": list(dict.fromkeys(g for _, g in rows)) if m2 else [],
+        "groups": groups,
+        "monitor": "val_accuracy" if m2 else "val_elbo",
         "seeds": seed_list,
         "epochs": cfg.epochs,
         "grad_points": list(points),
         "grad_repeats": grad_repeats,
         "grad_batch_size": batch_size,
-        "log_likelihood_samples": cfg.log_likelihood_samples,
+        "log_likelihood_samples": (
+            M2_TRAIN_LOG_LIKELIHOOD_SAMPLES if m2 else cfg.log_likelihood_samples
+        ),
         "khat_points": khat_points,
         "khat_samples": k_samples,
         "data": cfg.data,
@@ -845,8 +992,8 @@ def compare_estimators(
         "config": cfg.to_dict(),
         "torch_threads": torch.get_num_threads(),
     }
-    rows = [_row(r, meta) for r in runs]
-    result = CompareResult(rows, _summarise(rows, specs), runs, meta, out_dir)
+    table = [_row(r, meta) for r in runs]
+    result = CompareResult(table, _summarise(table, labels), runs, meta, out_dir)
     if out_dir is not None:
         result.files = _write_outputs(result, out_dir)
     return result
@@ -895,28 +1042,40 @@ def _khat(lw: np.ndarray | None) -> np.ndarray | None:
 # Tables
 # --------------------------------------------------------------------------------------------
 def _row(r: RunRecord, meta: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "estimator": r.estimator,
-        "seed": r.seed,
-        "num_particles": r.num_particles,
-        "status": r.status if r.status == "ok" else r.status.splitlines()[0][:200],
-        "epochs": meta["epochs"],
-    }
+    m2 = meta["kind"] == "m2"
+    row: dict[str, Any] = {"estimator": r.estimator}
+    if m2:
+        row["label_guide"] = r.label_guide
+    row.update(
+        seed=r.seed,
+        num_particles=r.num_particles,
+        status=r.status if r.status == "ok" else r.status.splitlines()[0][:200],
+        epochs=meta["epochs"],
+    )
     ok = r.status == "ok"
     m = r.metrics
     nan = math.nan
+    if m2:
+        row["test_accuracy"] = m.get("test_accuracy", nan) if ok else nan
     row["test_elbo"] = m.get("test_elbo", nan) if ok else nan
+    if m2:
+        row["test_elbo_se"] = m.get("test_elbo_se", nan) if ok else nan
     row["test_log_likelihood"] = m.get("test_log_likelihood", nan) if ok else nan
     row["test_log_likelihood_se"] = m.get("test_log_likelihood_se", nan) if ok else nan
     row["log_likelihood_samples"] = meta["log_likelihood_samples"]
-    row["final_val_elbo"] = m.get("final_val_elbo", nan) if ok else nan
-    row["best_val_elbo"] = m.get("best_val_elbo", nan) if ok else nan
+    if m2:
+        row["best_val_accuracy"] = m.get("best_val_accuracy", nan) if ok else nan
+        row["final_val_accuracy"] = m.get("final_val_accuracy", nan) if ok else nan
+        row["best_epoch"] = m.get("best_epoch", nan) if ok else nan
+    else:
+        row["final_val_elbo"] = m.get("final_val_elbo", nan) if ok else nan
+        row["best_val_elbo"] = m.get("best_val_elbo", nan) if ok else nan
     secs = [h["seconds"] for h in r.history]
     row["seconds_per_epoch"] = float(np.mean(secs)) if secs else nan
     row["train_seconds"] = float(np.sum(secs)) if secs else nan
     for e in meta["grad_points"]:
         g = r.gradients.get(e, {})
-        for group in _GROUPS:
+        for group in meta["groups"]:
             row[f"snr_{group}_e{e}"] = g.get(f"snr_{group}", nan)
             row[f"grad_var_{group}_e{e}"] = g.get(f"grad_var_{group}", nan)
     if meta["khat_points"] > 0:
@@ -932,23 +1091,41 @@ def _row(r: RunRecord, meta: dict[str, Any]) -> dict[str, Any]:
     for name in meta["memory_columns"]:
         row[name] = mem.get(name, nan) if ok else nan
     row["init_digest"] = r.init_digest
+    if m2:
+        row["init_from_reference"] = r.init_from_reference
     row["device"] = meta["device"]
     row["run_dir"] = r.run_dir or ""
     return row
 
 
-_NON_NUMERIC = ("estimator", "seed", "status", "init_digest", "device", "run_dir")
+_NON_NUMERIC = (
+    "estimator",
+    "label_guide",
+    "seed",
+    "status",
+    "init_digest",
+    "init_from_reference",
+    "device",
+    "run_dir",
+)
 
 
-def _summarise(rows: list[dict[str, Any]], specs: list[str]) -> list[dict[str, Any]]:
+def _label_of(row: Mapping[str, Any]) -> str:
+    """A table row's name, as :attr:`RunRecord.label`."""
+    guide = row.get("label_guide")
+    return row["estimator"] if guide is None else f"{row['estimator']} @ {guide}"
+
+
+def _summarise(rows: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
     out = []
-    for spec in specs:
-        mine = [r for r in rows if r["estimator"] == spec and r["status"] == "ok"]
-        s: dict[str, Any] = {
-            "estimator": spec,
-            "n": len(mine),
-            "runs": sum(r["estimator"] == spec for r in rows),
-        }
+    for label in labels:
+        mine_all = [r for r in rows if _label_of(r) == label]
+        mine = [r for r in mine_all if r["status"] == "ok"]
+        first = mine_all[0]
+        s: dict[str, Any] = {"estimator": first["estimator"]}
+        if "label_guide" in first:
+            s["label_guide"] = first["label_guide"]
+        s.update(n=len(mine), runs=len(mine_all))
         for key in rows[0]:
             if key in _NON_NUMERIC:
                 continue
@@ -988,20 +1165,32 @@ def _pm(s: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
     return text
 
 
+_SHORT = {"encoder": "enc.", "decoder": "dec.", "classifier": "cls."}
+
+
 def _markdown(res: CompareResult) -> str:
     meta = res.meta
+    m2 = meta["kind"] == "m2"
     last = meta["grad_points"][-1] if meta["grad_points"] else None
-    cols: list[tuple[str, str, str, float]] = [
+    k_ll = meta["log_likelihood_samples"]
+    cols: list[tuple[str, str, str, float]] = []
+    if m2:
+        cols.append(("test accuracy", "test_accuracy", ".4f", 1.0))
+    cols += [
         ("test ELBO", "test_elbo", ".2f", 1.0),
-        (f"test log p(x) (K={meta['log_likelihood_samples']})", "test_log_likelihood", ".2f", 1.0),
+        (
+            f"test log p(x) (K={k_ll}{' per class' if m2 else ''})",
+            "test_log_likelihood",
+            ".2f",
+            1.0,
+        ),
     ]
     if last is not None:
-        cols += [
-            (f"SNR enc. (ep. {last})", f"snr_encoder_e{last}", ".3g", 1.0),
-            (f"SNR dec. (ep. {last})", f"snr_decoder_e{last}", ".3g", 1.0),
-            (f"grad var enc. (ep. {last})", f"grad_var_encoder_e{last}", ".3g", 1.0),
-            (f"grad var dec. (ep. {last})", f"grad_var_decoder_e{last}", ".3g", 1.0),
-        ]
+        for stat, prefix in (("SNR", "snr"), ("grad var", "grad_var")):
+            cols += [
+                (f"{stat} {_SHORT.get(g, g)} (ep. {last})", f"{prefix}_{g}_e{last}", ".3g", 1.0)
+                for g in meta["groups"]
+            ]
     if meta["khat_points"] > 0:
         cols += [
             ("k-hat mean", "khat_mean", ".2f", 1.0),
@@ -1013,46 +1202,86 @@ def _markdown(res: CompareResult) -> str:
         cols.append(("RSS increase in training (MiB)", "rss_train_increase_mb", ".1f", 1.0))
     if "cuda_peak_allocated_mb" in meta["memory_columns"]:
         cols.append(("CUDA peak alloc. (MiB)", "cuda_peak_allocated_mb", ".1f", 1.0))
-    header = ["estimator", "K", "seeds", *[c[0] for c in cols]]
+    header = ["estimator", *(["label guide"] if m2 else []), "K", "seeds", *[c[0] for c in cols]]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|",
+        "|" + "|".join(["---"] * (2 if m2 else 1) + ["--:"] * (len(header) - 1 - m2)) + "|",
     ]
     for s in res.summary:
         k = s.get("num_particles", math.nan)
-        cells = [
-            f"`{s['estimator']}`",
-            "n/a" if math.isnan(k) else f"{k:.0f}",
-            f"{s['n']}/{s['runs']}",
-        ]
+        cells = [f"`{s['estimator']}`"]
+        if m2:
+            cells.append(f"`{s['label_guide']}`")
+        cells += ["n/a" if math.isnan(k) else f"{k:.0f}", f"{s['n']}/{s['runs']}"]
         cells += [_pm(s, key, fmt, scale) for _, key, fmt, scale in cols]
         lines.append("| " + " | ".join(cells) + " |")
     cfg = meta["config"]
-    notes = [
-        "",
-        f"Mean ± sd over seeds {meta['seeds']} (`seeds` = finished/started). Data: "
-        f"`{meta['data']}` (split seed {meta['data_seed']}); model: prior `{cfg['prior']}`, "
-        f"likelihood `{cfg['likelihood']}`, latent_dim {cfg['latent_dim']}, hidden_dims "
-        f"{cfg['hidden_dims']}; {meta['epochs']} epochs, batch {cfg['batch_size']}, "
-        f"lr {cfg['lr']}; device `{meta['device']}`, {meta['torch_threads']} torch thread(s).",
-        "ELBO and log-likelihood in nats per test point; log p(x) is the importance-sampled "
-        f"estimate with K = {meta['log_likelihood_samples']} draws from q.",
-    ]
+    model = (
+        f"model: prior `{cfg['prior']}`, likelihood `{cfg['likelihood']}`, latent_dim "
+        f"{cfg['latent_dim']}, hidden_dims {cfg['hidden_dims']}"
+    )
+    if m2:
+        labelled_batch = cfg["labelled_batch_size"] or cfg["batch_size"]
+        if isinstance(cfg["labels"], int):  # at most the labels (the kind's own rule)
+            labelled_batch = min(labelled_batch, cfg["labels"])
+        notes = [
+            "",
+            f"M2 (Kingma et al. 2014), mean ± sd over seeds {meta['seeds']} (`seeds` = "
+            f"finished/started; each seed fixes the data split, the labelled subset and the "
+            f"initial weights of every row). Data: `{meta['data']}`, labels {cfg['labels']}; "
+            f"{model}; alpha {cfg['alpha']}; {meta['epochs']} epochs, batch {cfg['batch_size']} "
+            f"unlabelled + {labelled_batch} labelled, lr "
+            f"{cfg['lr']}; device `{meta['device']}`, {meta['torch_threads']} torch thread(s).",
+            "Estimator: of the labelled and the unlabelled bound (`auto` rows: the label guide's "
+            "own, shown resolved). Accuracy: the classifier q(y|x)'s most probable class on the "
+            "test split, with the weights of the best validation accuracy (as `ppl-vae ssl`). "
+            "Test ELBO: the unlabelled bound with y summed out exactly "
+            f"({cfg['elbo_samples']} z per class); log p(x): importance-sampled with y summed out "
+            f"exactly, K = {k_ll} z per class; nats per test point.",
+        ]
+    else:
+        notes = [
+            "",
+            f"Mean ± sd over seeds {meta['seeds']} (`seeds` = finished/started). Data: "
+            f"`{meta['data']}` (split seed {meta['data_seed']}); {model}; {meta['epochs']} "
+            f"epochs, batch {cfg['batch_size']}, lr {cfg['lr']}; device `{meta['device']}`, "
+            f"{meta['torch_threads']} torch thread(s).",
+            "ELBO and log-likelihood in nats per test point; log p(x) is the importance-sampled "
+            f"estimate with K = {k_ll} draws from q.",
+        ]
     if last is not None:
-        notes.append(
-            f"Gradient SNR = |mean| / sd per parameter, averaged over the encoder's (decoder's) "
-            f"parameters; variance = mean per-parameter variance of the gradient of the loss "
-            f"summed over one fixed batch of {meta['grad_batch_size']} training points; "
-            f"{meta['grad_repeats']} evaluations after epochs {meta['grad_points']} (last shown; "
-            "all in compare.csv)."
-        )
+        if m2:
+            groups = ", ".join(meta["groups"])
+            notes.append(
+                f"Gradient SNR = |mean| / sd per parameter, averaged over each group's parameters "
+                f"({groups}); variance = mean per-parameter variance of the gradient of the M2 "
+                f"step loss (labelled bound, unlabelled bound and classification term) on one "
+                f"fixed batch of {meta['grad_batch_size']} unlabelled and one labelled batch of "
+                f"training points; {meta['grad_repeats']} evaluations after epochs "
+                f"{meta['grad_points']} (last shown; all in compare.csv)."
+            )
+        else:
+            notes.append(
+                f"Gradient SNR = |mean| / sd per parameter, averaged over the encoder's "
+                f"(decoder's) parameters; variance = mean per-parameter variance of the gradient "
+                f"of the loss summed over one fixed batch of {meta['grad_batch_size']} training "
+                f"points; {meta['grad_repeats']} evaluations after epochs {meta['grad_points']} "
+                "(last shown; all in compare.csv)."
+            )
     if meta["khat_points"] > 0:
-        notes.append(
-            f"k-hat: PSIS Pareto shape of {meta['khat_samples']} importance weights of each of "
-            f"{meta['khat_points']} test points (arviz psislw); > 0.7 means q is an unreliable "
-            "proposal for that point."
+        what = (
+            f"the {meta['khat_samples']} importance weights per class, pooled over the classes,"
+            if m2
+            else f"{meta['khat_samples']} importance weights"
         )
-    notes.append("Seconds per epoch: training steps plus the per-epoch validation ELBO.")
+        notes.append(
+            f"k-hat: PSIS Pareto shape of {what} of each of {meta['khat_points']} test points "
+            "(arviz psislw); > 0.7 means q is an unreliable proposal for that point."
+        )
+    notes.append(
+        "Seconds per epoch: training steps plus the per-epoch validation "
+        + ("accuracy." if m2 else "ELBO.")
+    )
     if "rss_train_increase_mb" in meta["memory_columns"]:
         notes.append(
             "Memory on CPU: each run in a fresh process; peak RSS is the process's peak resident "
@@ -1063,9 +1292,16 @@ def _markdown(res: CompareResult) -> str:
         notes.append("Peak memory: not measured (runs shared one process, isolate=False).")
     if "cuda_peak_allocated_mb" in meta["memory_columns"]:
         notes.append("CUDA memory: torch.cuda.max_memory_allocated over training.")
+    aligned = [r for r in res.rows if r.get("init_from_reference")]
+    if aligned:
+        which = sorted({_label_of(r) for r in aligned})
+        notes.append(
+            f"Rows {which} drew other initial weights for the shared networks in their own build "
+            "and started from the first row's (init_from_reference in compare.csv)."
+        )
     failed = [r for r in res.rows if r["status"] != "ok"]
     for r in failed:
-        notes.append(f"Run `{r['estimator']}` seed {r['seed']} did not finish: {r['status']}")
+        notes.append(f"Run `{_label_of(r)}` seed {r['seed']} did not finish: {r['status']}")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -1081,12 +1317,23 @@ def _figure(**kwargs: Any) -> Any:
     return fig
 
 
-def _colors(specs: list[str]) -> dict[str, str]:
-    return {s: f"C{i % 10}" for i, s in enumerate(specs)}
+def _colors(labels: list[str]) -> dict[str, str]:
+    return {s: f"C{i % 10}" for i, s in enumerate(labels)}
+
+
+def _key_columns(r: RunRecord) -> dict[str, Any]:
+    """A run's identifying columns in curves.csv and khat.csv."""
+    out: dict[str, Any] = {"estimator": r.estimator}
+    if r.label_guide is not None:
+        out["label_guide"] = r.label_guide
+    out["seed"] = r.seed
+    return out
 
 
 def _write_outputs(res: CompareResult, out: Path) -> list[Path]:
     files = []
+    m2 = res.meta["kind"] == "m2"
+    monitor = res.meta["monitor"]
     write_text_atomic(out / "compare.csv", _csv_text(res.rows))
     write_text_atomic(out / "compare.md", res.markdown())
     files += [out / "compare.csv", out / "compare.md"]
@@ -1097,11 +1344,10 @@ def _write_outputs(res: CompareResult, out: Path) -> list[Path]:
             elapsed += h["seconds"]
             curves.append(
                 {
-                    "estimator": r.estimator,
-                    "seed": r.seed,
+                    **_key_columns(r),
                     "epoch": int(h["epoch"]),
-                    "train_loss": h["train_loss"],
-                    "val_elbo": h["val_elbo"],
+                    "train_loss": h["loss" if m2 else "train_loss"],
+                    monitor: h[monitor],
                     "seconds": h["seconds"],
                     "elapsed_seconds": elapsed,
                 }
@@ -1110,7 +1356,7 @@ def _write_outputs(res: CompareResult, out: Path) -> list[Path]:
     files.append(out / "curves.csv")
     if res.meta["khat_points"] > 0:
         krows = [
-            {"estimator": r.estimator, "seed": r.seed, "test_index": i, "khat": float(k)}
+            {**_key_columns(r), "test_index": i, "khat": float(k)}
             for r in res.runs
             if r.khat is not None
             for i, k in enumerate(r.khat)
@@ -1119,7 +1365,8 @@ def _write_outputs(res: CompareResult, out: Path) -> list[Path]:
         files.append(out / "khat.csv")
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
-    files.append(_elbo_vs_time(res, fig_dir / "elbo_vs_time.png"))
+    name = "accuracy_vs_time.png" if m2 else "elbo_vs_time.png"
+    files.append(_monitor_vs_time(res, fig_dir / name))
     snr = _snr_vs_k(res, fig_dir / "snr_vs_k.png")
     if snr is not None:
         files.append(snr)
@@ -1129,8 +1376,11 @@ def _write_outputs(res: CompareResult, out: Path) -> list[Path]:
     return files
 
 
-def _elbo_vs_time(res: CompareResult, path: Path) -> Path:
-    colors = _colors(res.meta["estimators"])
+def _monitor_vs_time(res: CompareResult, path: Path) -> Path:
+    """The validation metric (ELBO; M2: accuracy) of every run against its training time."""
+    m2 = res.meta["kind"] == "m2"
+    monitor = res.meta["monitor"]
+    colors = _colors(res.meta["rows"])
     fig = _figure(figsize=(7, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     labelled: set[str] = set()
@@ -1138,13 +1388,15 @@ def _elbo_vs_time(res: CompareResult, path: Path) -> Path:
         if not r.history:
             continue
         t = np.cumsum([h["seconds"] for h in r.history])
-        y = [h["val_elbo"] for h in r.history]
-        label = None if r.estimator in labelled else r.estimator
-        labelled.add(r.estimator)
-        ax.plot(t, y, color=colors[r.estimator], lw=1.2, alpha=0.8, label=label, marker=".")
+        y = [h[monitor] for h in r.history]
+        label = None if r.label in labelled else r.label
+        labelled.add(r.label)
+        ax.plot(t, y, color=colors[r.label], lw=1.2, alpha=0.8, label=label, marker=".")
     ax.set_xlabel("training wall time (s, validation included)")
-    ax.set_ylabel("validation ELBO (nats per point)")
-    ax.set_title(f"ELBO against wall time ({len(res.meta['seeds'])} seed(s) per estimator)")
+    what = "Accuracy" if m2 else "ELBO"
+    ax.set_ylabel("validation accuracy" if m2 else "validation ELBO (nats per point)")
+    row = "row" if m2 else "estimator"
+    ax.set_title(f"{what} against wall time ({len(res.meta['seeds'])} seed(s) per {row})")
     ax.grid(alpha=0.3)
     if labelled:
         ax.legend(fontsize=8)
@@ -1154,29 +1406,47 @@ def _elbo_vs_time(res: CompareResult, path: Path) -> Path:
 
 
 def _snr_vs_k(res: CompareResult, path: Path) -> Path | None:
-    """SNR against K for ``iwae:K`` and ``dreg:K`` runs, at the last probe; None if none ran."""
+    """SNR against K for ``iwae:K`` and ``dreg:K`` runs, at the last probe; None if none ran.
+
+    One panel per gradient group; one line per family (M2: per family and label guide).
+    """
     if not res.meta["grad_points"]:
         return None
     last = res.meta["grad_points"][-1]
-    families: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    groups = res.meta["groups"]
+    families: dict[str, dict[int, list[tuple[float, ...]]]] = {}
     for r in res.runs:
         name = r.estimator.partition(":")[0]
         if name not in ("iwae", "dreg") or last not in r.gradients:
             continue
+        if r.label_guide is not None:
+            name = f"{name} @ {r.label_guide}"
         g = r.gradients[last]
         families.setdefault(name, {}).setdefault(r.num_particles, []).append(
-            (g["snr_encoder"], g["snr_decoder"])
+            tuple(g.get(f"snr_{group}", math.nan) for group in groups)
         )
     if not families:
         return None
-    fig = _figure(figsize=(9, 4))
-    for j, group in enumerate(_GROUPS):
-        ax = fig.add_subplot(1, 2, j + 1)
+    # a group no such run has (the baseline of a guide without one) gets no panel
+    shown = [
+        (j, group)
+        for j, group in enumerate(groups)
+        if any(
+            math.isfinite(v[j]) for by_k in families.values() for vs in by_k.values() for v in vs
+        )
+    ]
+    if not shown:
+        return None
+    fig = _figure(figsize=(4.5 * len(shown), 4))
+    for panel, (j, group) in enumerate(shown):
+        ax = fig.add_subplot(1, len(shown), panel + 1)
         for i, (name, by_k) in enumerate(sorted(families.items())):
             ks = sorted(by_k)
             vals = [np.array([v[j] for v in by_k[k]], dtype=float) for k in ks]
-            mean = [float(np.nanmean(v)) for v in vals]
-            sd = [float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0 for v in vals]
+            with warnings.catch_warnings():  # a group a row lacks (a baseline) is all NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = [float(np.nanmean(v)) for v in vals]
+                sd = [float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0 for v in vals]
             ax.errorbar(ks, mean, yerr=sd, marker="o", capsize=3, color=f"C{i}", label=name)
         ax.set_xscale("log")
         all_k = sorted({k for by_k in families.values() for k in by_k})
@@ -1194,11 +1464,11 @@ def _snr_vs_k(res: CompareResult, path: Path) -> Path | None:
 
 
 def _khat_figure(res: CompareResult, path: Path) -> Path:
-    """``az.plot_khat`` of each estimator's first seed with k-hats, one panel per estimator."""
+    """``az.plot_khat`` of each row's first seed with k-hats, one panel per row."""
     az = _arviz()
     firsts: list[RunRecord] = []
-    for spec in res.meta["estimators"]:
-        mine = [r for r in res.runs if r.estimator == spec and r.khat is not None]
+    for label in res.meta["rows"]:
+        mine = [r for r in res.runs if r.label == label and r.khat is not None]
         if mine:
             firsts.append(mine[0])
     n = len(firsts)
@@ -1210,10 +1480,12 @@ def _khat_figure(res: CompareResult, path: Path) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             az.plot_khat(r.khat, ax=ax, show_hlines=True, textsize=9, show=False)
-        ax.set_title(f"{r.estimator} (seed {r.seed})", fontsize=9)
+        ax.set_title(f"{r.label} (seed {r.seed})", fontsize=9)
         ax.set_xlabel("test point")
+    per = " per class, pooled" if res.meta["kind"] == "m2" else ""
     fig.suptitle(
-        f"PSIS k-hat of each test point's importance weights ({res.meta['khat_samples']} draws)",
+        f"PSIS k-hat of each test point's importance weights ({res.meta['khat_samples']} "
+        f"draws{per})",
         fontsize=10,
     )
     fig.tight_layout()
@@ -1232,6 +1504,18 @@ def _write_posteriors(res: CompareResult) -> list[Path]:
         x = r.posterior_x.reshape(points, -1) if r.posterior_x is not None else None
         # one latent-dimension coordinate per site: "latent_dim" for the VAE's z, else "<site>_dim"
         dim_name = {name: "latent_dim" if name == "z" else f"{name}_dim" for name in sites}
+        attrs: dict[str, Any] = {"estimator": r.estimator, "seed": r.seed}
+        if r.label_guide is not None:
+            attrs["label_guide"] = r.label_guide
+            attrs["description"] = (
+                "draws (y, z) ~ q(y|x) q(z|x,y) of the trained guide for test points (y one-hot), "
+                "with log importance weights log p(x, y, z) - log q(y, z|x) (unscaled)"
+            )
+        else:
+            attrs["description"] = (
+                "draws z ~ q(z|x) of the trained guide for test points, with log importance "
+                "weights log p(x, z) - log q(z|x) (unscaled)"
+            )
         data = az.from_dict(
             posterior={name: v[None] for name, v in sites.items()},
             sample_stats={"log_weight": r.posterior_log_weights[None]},
@@ -1246,12 +1530,7 @@ def _write_posteriors(res: CompareResult) -> list[Path]:
                 "log_weight": ["test_point"],
                 "x": ["test_point", "pixel"],
             },
-            attrs={
-                "estimator": r.estimator,
-                "seed": r.seed,
-                "description": "draws z ~ q(z|x) of the trained guide for test points, with "
-                "log importance weights log p(x, z) - log q(z|x) (unscaled)",
-            },
+            attrs=attrs,
         )
         path = Path(r.run_dir) / "posterior.nc"
         data.to_netcdf(str(path))
