@@ -178,6 +178,28 @@ def resolve(spec: str | type, kind: str) -> type:
     return cls
 
 
+def resolve_function(spec: str, what: str) -> Any:
+    """The function ``spec`` names, ``path/to/file.py:function`` (the file's code runs) or
+    ``package.module:function``."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ConfigError(
+            f"{what} {spec!r} must name a module or file and a function, as "
+            "'package.module:function' or 'path/to/file.py:function'"
+        )
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        module = _import_file(Path(target))
+    else:
+        try:
+            module = importlib.import_module(target)
+        except (ImportError, ValueError, TypeError) as e:
+            raise ConfigError(f"cannot import module {target!r} for {what} {spec!r}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"{target!r} has no function {name!r} (for {what} {spec!r})")
+    return fn
+
+
 def spec_of(obj: Any, kind: str) -> str:
     """A string spec that :func:`resolve` maps back to ``obj``'s class (for saved configs)."""
     cls = obj if inspect.isclass(obj) else type(obj)

@@ -183,6 +183,7 @@ class RunConfig(ConfigFile):
     lr_schedule: str | None = None  # a torch.optim.lr_scheduler class, stepped once per epoch
     lr_schedule_args: dict[str, Any] = field(default_factory=dict)
     clip_norm: float | None = None
+    patience: int | None = None  # early stopping: epochs without a better validation metric
     # evaluation
     latent_diagnostics: bool = True  # per-epoch KL per dimension, recon term, active units
     # execution
@@ -212,6 +213,8 @@ class RunConfig(ConfigFile):
         # inf is allowed: the norm is measured, nothing is clipped
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"`clip_norm` must be positive, got {self.clip_norm}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"`patience` must be a positive number of epochs, got {self.patience}")
         _check_split_fractions(self.val_fraction, self.test_fraction)
 
 
@@ -236,6 +239,10 @@ class FitConfig(RunConfig):
     vectorize_particles: bool | None = None  # None: the estimator's default (iwae/dreg: yes)
     beta: float = 1.0
     warmup_epochs: float = 0.0
+    # the KL weight's shape: "linear" (warm-up), "cyclical", or "file.py:function"
+    beta_schedule: str = "linear"
+    beta_schedule_args: dict[str, Any] = field(default_factory=dict)
+    free_bits: float = 0.0  # a KL floor in nats per latent dimension (Kingma et al. 2016)
     # evaluation
     log_likelihood_samples: int = 1000
     log_likelihood_chunk: int = 100
@@ -254,6 +261,13 @@ class FitConfig(RunConfig):
             raise ConfigError(f"`beta` must be a finite number > 0, got {self.beta}")
         if not 0 <= self.warmup_epochs <= FLOAT32_MAX:
             raise ConfigError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.free_bits <= FLOAT32_MAX:
+            raise ConfigError(f"`free_bits` must be a finite number >= 0, got {self.free_bits}")
+        if self.beta_schedule not in ("linear", "cyclical") and ":" not in self.beta_schedule:
+            raise ConfigError(
+                f"`beta_schedule` must be 'linear', 'cyclical', 'file.py:function' or "
+                f"'package.module:function', got {self.beta_schedule!r}"
+            )
 
 
 def write_text_atomic(path: Path, text: str) -> None:

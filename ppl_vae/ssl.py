@@ -860,6 +860,7 @@ def _fit_ssl(
             seed=cfg.seed,
             lr_schedule=cfg.lr_schedule,
             lr_schedule_args=cfg.lr_schedule_args,
+            patience=cfg.patience,
         ),
         ctx=ctx,
         device=device,

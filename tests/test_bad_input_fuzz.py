@@ -546,7 +546,7 @@ def test_checkpoint_with_a_pickled_object_is_refused(env: Env, tmp_path: Path, c
     marker = tmp_path / "code-ran"
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     state["payload"] = _Payload(marker)
-    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "best.pt"):  # evaluate reads best.pt
         torch.save(state, run / name)
     with pytest.raises(ConfigError, match=r"holds a pickled Python object .*refused"):
         load_checkpoint(run)

@@ -155,6 +155,11 @@ def test_existing_out_is_refused_and_untouched(run_dir, capsys):
 def test_corrupted_checkpoints_are_reported(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["fit", *FAST, "--out", str(out)]) == 0
+    (out / "best.pt").write_bytes(b"\x00garbage")  # the weights evaluate reads
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupted" in err and len(err.strip().splitlines()) == 1
+    (out / "best.pt").unlink()  # then the checkpoint's copy of the best weights
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         (out / name).write_bytes(b"\x00garbage")
     assert main(["evaluate", str(out)]) == 2

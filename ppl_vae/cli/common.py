@@ -101,7 +101,14 @@ def add_network_options(g: Any) -> None:
 
 
 def add_schedule_options(g: Any) -> None:
-    """``--lr-schedule NAME`` and ``--lr-schedule-arg KEY=VALUE`` (fit and ssl)."""
+    """``--lr-schedule NAME``, ``--lr-schedule-arg KEY=VALUE`` and ``--patience N`` (fit and
+    ssl)."""
+    g.add_argument(
+        "--patience",
+        type=int,
+        help="stop when the validation metric has not improved for this many epochs; the best "
+        "epoch's weights are evaluated either way (default: train every epoch)",
+    )
     g.add_argument(
         "--lr-schedule",
         help="learning-rate schedule, a torch.optim.lr_scheduler class stepped once per epoch "
@@ -133,3 +140,132 @@ def trackers_from_args(args: argparse.Namespace) -> list[Any]:
     from ..training.trackers import make_tracker
 
     return [make_tracker(spec) for spec in args.log]
+
+
+# -- the options every kind shares, declared once -------------------------------------------------
+def add_run_options(
+    p: argparse.ArgumentParser, d: Any, help: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Declare the flags of the fields every run config shares (:class:`~ppl_vae.config.RunConfig`:
+    data, components, networks, optimisation, device, seed) on ``p``, with ``d``'s defaults.
+
+    ``help`` replaces the help of a flag by its field name where a command means something of
+    its own by it (e.g. ``epochs``: passes over the unlabelled data for M2). Returns the option
+    groups ``{"data", "model", "optimisation", "execution"}`` for the command's own flags.
+    """
+    h = dict(help or {})
+
+    def text(name: str, default: str) -> str:
+        return h.pop(name, default)
+
+    groups: dict[str, Any] = {}
+    g = groups["data"] = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        help=text(
+            "data",
+            f"'digits', 'mnist', 'fashion-mnist', 'svhn' or a .npy/.npz file (default {d.data})",
+        ),
+    )
+    g.add_argument(
+        "--data-root",
+        help="where torchvision data sets live (default $PPL_VAE_DATA or ~/.cache/ppl_vae)",
+    )
+    g.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="allow downloading mnist/fashion-mnist/svhn (needs internet)",
+    )
+    g.add_argument(
+        "--binarize",
+        choices=("auto", "none", "static", "dynamic"),
+        help=text(
+            "binarize",
+            f"binarise pixels (default {d.binarize}: dynamic when the likelihood needs binary data)",
+        ),
+    )
+    g.add_argument("--max-train", type=int, help="use at most this many training points")
+    g = groups["model"] = p.add_argument_group("model")
+    g.add_argument(
+        "--prior",
+        help=text(
+            "prior",
+            f"prior of z: name, 'file.py:Class' or 'package.module:Class' (default {d.prior}); "
+            "a file is imported, i.e. its code runs",
+        ),
+    )
+    g.add_argument(
+        "--prior-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="prior option, repeatable (e.g. concentration=2.0)",
+    )
+    g.add_argument(
+        "--likelihood",
+        help=text("likelihood", f"likelihood name or 'file.py:Class' (default {d.likelihood})"),
+    )
+    g.add_argument(
+        "--likelihood-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="likelihood option, repeatable (e.g. scale=fixed)",
+    )
+    g.add_argument("--latent-dim", type=int, help=f"dimensions of z (default {d.latent_dim})")
+    g.add_argument(
+        "--hidden-dims",
+        type=int_list,
+        help=text(
+            "hidden_dims",
+            "hidden widths, comma list; empty gives linear maps (default "
+            f"{','.join(map(str, d.hidden_dims))})",
+        ),
+    )
+    g.add_argument(
+        "--network",
+        choices=("auto", "mlp", "conv"),
+        help=f"network type (default {d.network}: conv for images of 16x16 and more)",
+    )
+    add_network_options(g)
+    g = groups["optimisation"] = p.add_argument_group("objective and optimisation")
+    g.add_argument(
+        "--num-particles", type=int, help=f"particles per step (default {d.num_particles})"
+    )
+    g.add_argument(
+        "--epochs", type=int, help=text("epochs", f"training epochs (default {d.epochs})")
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help=text("batch_size", f"mini-batch size (default {d.batch_size})"),
+    )
+    g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--clip-norm", type=float, help="clip the gradient norm (default off)")
+    add_schedule_options(g)
+    g = groups["execution"] = p.add_argument_group("evaluation and execution")
+    g.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="device (default auto: cuda if available)"
+    )
+    g.add_argument("--seed", type=int, help=text("seed", f"random seed (default {d.seed})"))
+    if h:
+        raise ValueError(f"help given for flags that add_run_options does not declare: {sorted(h)}")
+    return groups
+
+
+def run_config_from_args(args: argparse.Namespace, cfg_cls: type) -> dict[str, Any]:
+    """The fields of ``cfg_cls`` given on the command line (``None`` means: not given); a field
+    ``NAME_args`` comes from the repeatable ``--NAME-arg KEY=VALUE``."""
+    from dataclasses import fields
+
+    given: dict[str, Any] = {}
+    for f in fields(cfg_cls):
+        if f.name.endswith("_args"):
+            stem = f.name.removesuffix("_args")
+            items = getattr(args, f"{stem}_arg", None)
+            if items:
+                given[f.name] = key_values(items, f"--{stem.replace('_', '-')}-arg")
+            continue
+        v = getattr(args, f.name, None)
+        if v is not None:
+            given[f.name] = v
+    return given

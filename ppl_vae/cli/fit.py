@@ -131,6 +131,23 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         type=float,
         help="linear KL warm-up from 0 to beta over this many epochs (default 0)",
     )
+    g.add_argument(
+        "--beta-schedule",
+        help="shape of the KL weight: linear (the warm-up; default), cyclical (Fu et al. 2019: "
+        "--beta-schedule-arg cycles=4 ratio=0.5), or 'file.py:function' of (step, total_steps)",
+    )
+    g.add_argument(
+        "--beta-schedule-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="option of the beta schedule, repeatable (e.g. cycles=4)",
+    )
+    g.add_argument(
+        "--free-bits",
+        type=float,
+        help="KL floor in nats per latent dimension (Kingma et al. 2016; trace/meanfield; "
+        "default 0: off)",
+    )
     g.add_argument("--clip-norm", type=float, help="clip the gradient norm (default off)")
     add_schedule_options(g)
     g = p.add_argument_group("evaluation and execution")
@@ -170,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "decoder",
         "guide_family",
         "lr_schedule",
+        "beta_schedule",
     ):
         if getattr(args, f"{part}_arg", None):
             flag = f"--{part.replace('_', '-')}-arg"

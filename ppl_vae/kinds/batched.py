@@ -99,7 +99,10 @@ class BatchedKind(ModelKind):
             "train_seconds": train_seconds,
             "final_val_elbo": history[-1]["val_elbo"] if history else float("nan"),
             "best_val_elbo": max(h["val_elbo"] for h in history) if history else float("nan"),
-            "best_epoch": int(max(history, key=lambda h: h["val_elbo"])["epoch"]) if history else 0,
+            # the trainer's rule: the last epoch of the best value (the weights evaluated)
+            "best_epoch": int(max(reversed(history), key=lambda h: h["val_elbo"])["epoch"])
+            if history
+            else 0,
         }
 
     def write_outputs(self, run_dir: Path, metrics: dict[str, Any]) -> None:

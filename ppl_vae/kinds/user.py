@@ -35,6 +35,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
 from ..data import Dataset
+from ..inference.free_bits import free_bits_loss
 from ..models.errors import ConfigError
 from .batched import BatchedKind
 
@@ -123,7 +124,7 @@ class UserKind(BatchedKind):
     """
 
     name = "user"
-    restore_best = False
+    restore_best = True
 
     def __init__(
         self,
@@ -138,9 +139,12 @@ class UserKind(BatchedKind):
         super().__init__(module, cfg, dataset, splits, dynamic, device)
         self.elbo = elbo
         check_pair(module, self.train_x[: min(8, len(self.train_x))])
+        self._free_bits = free_bits_loss(cfg, module.model, module.guide, elbo)
 
     # -- objective ---------------------------------------------------------------------------
     def loss(self, x: torch.Tensor) -> torch.Tensor:
+        if self._free_bits is not None:
+            return self._free_bits(x, self._beta)
         model, guide = self.module.model, self.module.guide
         if self._beta != 1.0:
             model, guide = ScaleLatents(self._beta)(model), ScaleLatents(self._beta)(guide)

@@ -23,6 +23,7 @@ import torch
 from ..config import FitConfig
 from ..data import Dataset
 from ..inference.fastpath import build_loss
+from ..inference.free_bits import free_bits_loss
 from ..inference.scoring import Scores, bits_per_dim
 from ..vae import VAE
 from .base import StepState
@@ -63,7 +64,7 @@ class VAEKind(BatchedKind):
     """
 
     name = "vae"
-    restore_best = False
+    restore_best = True
 
     def __init__(
         self,
@@ -78,6 +79,7 @@ class VAEKind(BatchedKind):
         super().__init__(vae, cfg, dataset, splits, dynamic, device)
         self.vae = vae
         self._loss: Callable[[torch.Tensor], torch.Tensor] = build_loss(elbo, vae)
+        self._free_bits = free_bits_loss(cfg, vae.model, vae.guide, elbo)
 
     # -- objective ---------------------------------------------------------------------------
     def begin_step(self, s: StepState) -> None:
@@ -88,6 +90,8 @@ class VAEKind(BatchedKind):
         self.vae.kl_scale = 1.0
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
+        if self._free_bits is not None:
+            return self._free_bits(x, self.vae.kl_scale)
         return self._loss(x)
 
     # -- reports -----------------------------------------------------------------------------

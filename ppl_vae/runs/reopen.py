@@ -3,8 +3,9 @@ r"""Reopening a run directory: its config, data split and trained model, for eva
 A run directory records its model kind in ``config.toml`` (:func:`ppl_vae.config.run_kind`);
 :func:`load_run` and :func:`evaluate` dispatch on it:
 
-- ``vae``: the :class:`~ppl_vae.vae.VAE` its config builds, with the newest checkpoint's weights;
-  evaluation reports the test ELBO and the importance-sampled log-likelihood.
+- ``vae`` and ``user``: the :class:`~ppl_vae.vae.VAE` (or the user's pair) its config builds,
+  with the best-validation weights the run evaluated (``best.pt``); evaluation reports the test
+  ELBO and the importance-sampled log-likelihood.
 - ``m2``: the :class:`~ppl_vae.ssl.SSVAE`, rebuilt by :func:`ppl_vae.ssl.build_ssl_run` exactly as
   the run built it (same split by the config's seed, same labelled subset, same networks), with
   the best-validation weights the run evaluated (``best.pt``); evaluation reports accuracy, the
@@ -88,9 +89,9 @@ def load_run(run_dir: str | Path, device: str = "auto", test_data: str | None = 
     """Rebuild the model of a run from ``config.toml`` and load its trained weights.
 
     The data split is rebuilt from the config (same seed, same split). ``test_data`` replaces
-    the test split with another file (e.g. for anomaly scoring). VAE runs load the newest
-    checkpoint; M2 runs the best-validation weights they evaluated (``best.pt``; without it, the
-    checkpoint's copy of them).
+    the test split with another file (e.g. for anomaly scoring). Every kind loads the
+    best-validation weights its run evaluated (``best.pt``; without it, the checkpoint's copy of
+    them; a run written before best weights were kept: its last checkpoint).
 
     Raises:
         ConfigError: a missing directory or config, a config of an unknown kind, a checkpoint
@@ -119,9 +120,8 @@ def _load_vae_run(run_dir: Path, dev: torch.device, test_data: str | None) -> Ru
     cfg = FitConfig.load(run_dir / "config.toml")
     ds = load_config_data(cfg, test_data=test_data, download=False)
     vae = build_config_vae(cfg, ds)
-    state = ckpt.load_checkpoint(run_dir, map_location=dev)
-    ckpt.load_model_state(vae, state, repr(str(run_dir)))
-    return Run(run_dir, cfg, vae, ds.to(dev), int(state["epoch"]), dev, "vae")
+    epoch, where = _load_evaluated_weights(run_dir, vae, dev)
+    return Run(run_dir, cfg, vae, ds.to(dev), epoch, dev, "vae", where)
 
 
 def _load_m2_run(run_dir: Path, dev: torch.device, test_data: str | None) -> Run:
@@ -172,9 +172,32 @@ def _load_user_run(run_dir: Path, dev: torch.device, test_data: str | None) -> R
     cfg = FitConfig.load(run_dir / "config.toml")
     ds = load_config_data(cfg, test_data=test_data, download=False)
     module = build_config_model(cfg, ds)
+    epoch, where = _load_evaluated_weights(run_dir, module, dev)
+    return Run(run_dir, cfg, module, ds.to(dev), epoch, dev, "user", where)
+
+
+def _load_evaluated_weights(
+    run_dir: Path, module: torch.nn.Module, dev: torch.device
+) -> tuple[int, str]:
+    """Load the weights the run evaluated into ``module``: ``best.pt`` (the best validation
+    epoch), else the checkpoint's copy of them, else (a run written before best weights were
+    kept) the checkpoint's own; return their epoch and where they came from."""
+    best = run_dir / ckpt.BEST
+    if best.exists():
+        state = ckpt.load_state_file(best, dev)
+        ckpt.load_model_state(module, state, repr(str(best)))
+        return int(state.get("best_epoch", state["epoch"])), f"{ckpt.BEST} (best validation ELBO)"
     state = ckpt.load_checkpoint(run_dir, map_location=dev)
+    if "best_model" in state:
+        weights = {
+            "model": state["best_model"],
+            "architecture": state.get("architecture"),
+            "epoch": state.get("best_epoch", state["epoch"]),
+        }
+        ckpt.load_model_state(module, weights, repr(str(run_dir / ckpt.CHECKPOINT)))
+        return int(weights["epoch"]), f"{ckpt.CHECKPOINT} (its copy of the best-validation weights)"
     ckpt.load_model_state(module, state, repr(str(run_dir)))
-    return Run(run_dir, cfg, module, ds.to(dev), int(state["epoch"]), dev, "user")
+    return int(state["epoch"]), f"{ckpt.CHECKPOINT} (the last epoch)"
 
 
 _LOADERS: dict[str, Callable[[Path, torch.device, str | None], Run]] = {

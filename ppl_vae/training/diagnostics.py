@@ -12,7 +12,18 @@ model replayed on it, for each latent site :math:`s` of the guide:
 pair, per dimension of the event; else the one-sample Monte Carlo estimate
 :math:`\log q(z) - \log p(z)` of the draw, for the whole site), and the reconstruction term
 :math:`\frac1N\sum_n \log p(x_n \mid z_n)` of the observed site. Active units follow Burda et al.
-(2016); a site's posterior mean is its distribution's ``mean`` where defined, else the draw.
+(2016). :math:`\mathbb{E}_q[z_s \mid x]` is the mean over the guide's *other* draws too (for a
+site below the top of a hierarchy, q(z_s | x, z_parents) varies with the parents' draw): with
+:math:`m^{(t)}(x)` the site distribution's ``mean`` in guide trace :math:`t` (the draw where it
+has none, e.g. a flow posterior) and :math:`S` = :data:`MEAN_DRAWS` traces,
+
+.. math:: \widehat{\operatorname{Cov}}_x = \operatorname{Var}_x\big(\bar m(x)\big)
+    - \frac1S\, \overline{\widehat{\operatorname{Var}}_t\big(m^{(t)}(x)\big)},
+
+the variance over x of the average, less its expected Monte Carlo part (unbiased for
+:math:`\operatorname{Cov}_x(\mathbb{E}_q[z_s \mid x])`; clipped at 0). Where two traces give
+the same means (every site's mean is a function of x alone: the one-layer VAE) the first trace's
+are exact and no more are drawn.
 
 The history gets ``recon``, ``kl`` (the sum over sites), ``kl_<site>``, ``active_<site>`` and
 ``kl_<site>_<d>`` per dimension. All draws happen with the random streams saved and restored, so
@@ -43,6 +54,8 @@ __all__ = ["ACTIVE_THRESHOLD", "LatentCollapseWarning", "LatentDiagnostics", "la
 
 #: Burda et al.'s threshold on Cov_x(E_q[z_d | x]).
 ACTIVE_THRESHOLD = 0.01
+#: Guide traces averaged for E_q[z | x] where one trace's means are not exact.
+MEAN_DRAWS = 8
 
 
 class LatentCollapseWarning(UserWarning):
@@ -70,6 +83,42 @@ def _posterior_mean(q: Any, value: torch.Tensor) -> torch.Tensor:
     if m.shape != value.shape or not bool(torch.isfinite(m).all()):
         return value
     return m
+
+
+def _trace_means(trace: Any, n: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, g in trace.nodes.items():
+        if g["type"] == "sample" and not g["is_observed"] and g["value"].shape[:1] == (n,):
+            out[name] = _posterior_mean(g["fn"], g["value"]).reshape(n, -1).double()
+    return out
+
+
+def _mean_variance(guide: Any, x: torch.Tensor, first: Any) -> dict[str, torch.Tensor]:
+    """The estimate of Cov_x(E_q[z_s | x]) per latent site ``(D_s,)`` of the module docstring:
+    one trace's means where they are exact, else :data:`MEAN_DRAWS` traces' with the Monte
+    Carlo part removed."""
+    n = x.shape[0]
+
+    def var_x(m: torch.Tensor) -> torch.Tensor:
+        return m.var(0, unbiased=True) if n > 1 else torch.zeros(m.shape[1], dtype=m.dtype)
+
+    one = _trace_means(first, n)
+    two = _trace_means(prune_subsample_sites(poutine.trace(guide).get_trace(x)), n)
+    if all(torch.equal(one[k], two[k]) for k in one):
+        return {k: var_x(v) for k, v in one.items()}
+    sums = {k: one[k] + two[k] for k in one}
+    squares = {k: one[k] ** 2 + two[k] ** 2 for k in one}
+    for _ in range(MEAN_DRAWS - 2):
+        more = _trace_means(prune_subsample_sites(poutine.trace(guide).get_trace(x)), n)
+        sums = {k: sums[k] + more[k] for k in sums}
+        squares = {k: squares[k] + more[k] ** 2 for k in squares}
+    s = MEAN_DRAWS
+    out = {}
+    for k, total in sums.items():
+        mean = total / s
+        within = (squares[k] - s * mean**2).clamp_min(0) / (s - 1)  # per point, unbiased
+        out[k] = (var_x(mean) - within.mean(0) / s).clamp_min(0)
+    return out
 
 
 def _kl_per_dim(q: Any, p: Any, value: torch.Tensor, n: int) -> tuple[torch.Tensor, bool]:
@@ -103,6 +152,7 @@ def latent_terms(model: Any, guide: Any, x: torch.Tensor) -> dict[str, Any]:
         poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     )
     sites: dict[str, Any] = {}
+    mean_vars = _mean_variance(guide, x, guide_trace)
     for name, g in guide_trace.nodes.items():
         if g["type"] != "sample" or g["is_observed"] or name not in model_trace.nodes:
             continue
@@ -111,8 +161,7 @@ def latent_terms(model: Any, guide: Any, x: torch.Tensor) -> dict[str, Any]:
         if value.shape[:1] != (n,):
             continue  # a global latent (no data plate): no per-point terms
         kl, analytic = _kl_per_dim(q, p, value, n)
-        means = _posterior_mean(q, value).reshape(n, -1).double()
-        var = means.var(0, unbiased=True) if n > 1 else torch.zeros(means.shape[1])
+        var = mean_vars[name]
         sites[name] = {"kl_per_dim": kl.double().cpu(), "analytic": analytic, "mean_var": var}
     recon = 0.0
     for site in model_trace.nodes.values():

@@ -3,8 +3,9 @@ r"""The one training loop: every model kind (VAE, M2, a user's pair) trains here
 The trainer knows no kind by name. It owns what every run shares:
 
 - the optimiser (Adam, fused where available) and gradient clipping;
-- the KL weight schedule :math:`\beta_t = \beta \cdot \min(1, (t+1) / T_\text{warm-up})` and the
-  training progress :math:`t / (T - 1)` (temperatures), handed to the kind before every step as a
+- the KL weight schedule :math:`\beta_t = \beta f_t` (:mod:`~ppl_vae.training.schedules`: the
+  linear warm-up :math:`f_t = \min(1, (t+1) / T_\text{warm-up})`, cyclical, or a user's function)
+  and the training progress :math:`t / (T - 1)` (temperatures), handed to the kind before every step as a
   :class:`~ppl_vae.kinds.base.StepState`;
 - the non-finite guard: a non-finite loss, or distribution parameters that Pyro's validation
   rejects, stop the run with a :class:`TrainingError` that names the epoch and batch and where the
@@ -40,6 +41,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .callbacks import Callback, CallbackList
 from .optim import make_adam
+from .schedules import make_beta_schedule
 
 __all__ = ["Settings", "Trainer", "TrainingError", "history_text", "write_history_csv"]
 
@@ -57,6 +59,12 @@ class Settings:
         lr: Adam's learning rate.
         beta: KL weight after the warm-up.
         warmup_epochs: linear warm-up of the KL weight from 0 to ``beta`` (0: none).
+        beta_schedule: the KL weight's schedule (:mod:`ppl_vae.training.schedules`):
+            ``"linear"`` (the warm-up), ``"cyclical"``, a ``file.py:function`` spec or a
+            function ``f(step, total_steps)`` whose value multiplies ``beta``.
+        beta_schedule_args: the schedule's options.
+        patience: stop when the validation metric has not improved for this many epochs
+            (None: train every epoch).
         clip_norm: clip the global gradient norm (None: off; ``inf`` measures without clipping).
         seed: the run's seed (per-epoch noise under several processes).
     """
@@ -65,6 +73,9 @@ class Settings:
     lr: float
     beta: float = 1.0
     warmup_epochs: float = 0.0
+    beta_schedule: Any = "linear"
+    beta_schedule_args: dict[str, Any] = field(default_factory=dict)
+    patience: int | None = None
     clip_norm: float | None = None
     seed: int = 0
     lr_schedule: str | None = None
@@ -166,6 +177,10 @@ class Trainer:
         self.callbacks = CallbackList(callbacks or [])
         self.quiet = quiet
         self.module = kind.module
+        self.beta_schedule = make_beta_schedule(
+            settings.beta_schedule, settings.beta_schedule_args, settings.warmup_epochs
+        )
+        self.stopped_early = False
         self.optimizer = make_adam(self.module.parameters(), lr=settings.lr)
         self.lr_scheduler = make_lr_scheduler(
             self.optimizer, settings.lr_schedule, settings.lr_schedule_args
@@ -269,10 +284,15 @@ class Trainer:
         write_history_csv(self.run_dir / "history.csv", self.history)
 
     # -- the loop ----------------------------------------------------------------------------
-    def beta(self, step: int, steps_per_epoch: int) -> float:
-        warmup_steps = self.settings.warmup_epochs * steps_per_epoch
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        return self.settings.beta * warm
+    def beta(self, step: int, steps_per_epoch: int, total_steps: int | None = None) -> float:
+        """The KL weight of ``step``: ``beta`` times the schedule's factor."""
+        total = self.settings.epochs * steps_per_epoch if total_steps is None else total_steps
+        return self.settings.beta * self.beta_schedule(step, steps_per_epoch, total)
+
+    def _patience_spent(self) -> bool:
+        """No improvement of the monitored metric for ``patience`` epochs (early stopping)."""
+        p = self.settings.patience
+        return p is not None and len(self.history) - self.best_epoch >= p
 
     def run(self, figures: bool = True) -> dict[str, Any]:
         """Train (:meth:`fit`), then evaluate and write (:meth:`evaluate_and_write`)."""
@@ -310,6 +330,9 @@ class Trainer:
                 )
             if self.ctx.enabled:
                 metrics["processes"] = self.ctx.world_size
+            if self.settings.patience is not None:
+                metrics["patience"] = self.settings.patience
+                metrics["stopped_early"] = self.stopped_early
             self.callbacks.on_evaluated(self, metrics)
             if self.run_dir is not None:
                 self.kind.write_outputs(self.run_dir, metrics)
@@ -351,6 +374,9 @@ class Trainer:
         self.callbacks.on_train_start(self)
         try:
             for epoch in range(self.start_epoch, s.epochs):
+                if self._patience_spent():  # also on resume: the same epoch stops either way
+                    self.stopped_early = True
+                    break
                 ctx.seed_epoch(s.seed, epoch)
                 t0 = time.perf_counter()
                 kind.start_epoch(epoch, self.device)
@@ -363,7 +389,7 @@ class Trainer:
                             step=step,
                             total_steps=total_steps,
                             progress=step / max(1, total_steps - 1),
-                            beta=self.beta(step, steps),
+                            beta=self.beta(step, steps, total_steps),
                         )
                     )
                     sums = sums + self._step(kind.batch(b, ctx.shard), epoch, b, steps)
