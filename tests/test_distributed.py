@@ -104,7 +104,12 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 def test_ranks_end_with_identical_parameters(two_process_run) -> None:
     run, dump, stdout = two_process_run
     ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    written = checkpoint(run)["model"]
+    # every rank ends with the best validation epoch's weights, the ones the run evaluated
+    state = checkpoint(run)
+    written = state["best_model"]
+    best_pt = torch.load(run / "best.pt", weights_only=True)
+    assert best_pt["epoch"] == state["best_epoch"]
+    assert all(torch.equal(best_pt["model"][k], v) for k, v in written.items())
     assert ranks[0].keys() == ranks[1].keys() == written.keys()
     for k in written:
         assert torch.equal(ranks[0][k], ranks[1][k]), k

@@ -191,3 +191,94 @@ def test_an_unknown_lr_schedule_is_one_line_before_anything_runs(tmp_path):
 
     assert main(["fit", "--lr-schedule", "StepLr", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+# -- every command on every kind ---------------------------------------------------------------
+#: kind -> (the command that trains a small run of it, the compare command for two rows of it).
+SMALL_FLAGS = ["--max-train", "200", "--hidden-dims", "16", "--latent-dim", "2", "--device", "cpu"]
+CLI = {
+    "vae": (
+        ["fit", *SMALL_FLAGS, "--log-likelihood-samples", "4"],
+        ["compare", *SMALL_FLAGS, "--estimators", "trace,meanfield", "--log-likelihood-samples", "4"],
+    ),
+    "user": (
+        ["fit", "--model", USER_MODEL, "--binarize", "dynamic", "--max-train", "200",
+         "--log-likelihood-samples", "4", "--device", "cpu"],
+        ["compare", "--model", USER_MODEL, "--binarize", "dynamic", "--max-train", "200",
+         "--estimators", "trace,iwae:2", "--log-likelihood-samples", "4", "--device", "cpu"],
+    ),
+    "m2": (
+        ["ssl", *SMALL_FLAGS, "--labels", "20", "--elbo-samples", "1"],
+        ["compare", "--kind", "m2", *SMALL_FLAGS, "--labels", "20", "--elbo-samples", "1",
+         "--label-guides", "enumerate,relaxed"],
+    ),
+}  # fmt: skip
+COMPARE_BUDGET = ["--seeds", "0", "--epochs", "1", "--grad-repeats", "2", "--khat-points", "3",
+                  "--posterior-points", "1", "--posterior-draws", "5", "--in-process", "--quiet"]  # fmt: skip
+
+
+def test_the_cli_catalogue_covers_every_kind():
+    assert set(CLI) == set(KINDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(CLI))
+def test_every_command_runs_on_the_kind(kind, tmp_path, capsys):
+    """Train, evaluate, sample and compare two rows, all from the command line."""
+    import csv
+    import json
+
+    import numpy as np
+
+    from ppl_vae.cli import main
+    from ppl_vae.config import run_kind
+
+    train, compare = CLI[kind]
+    run = tmp_path / "run"
+    assert main([*train, "--epochs", "2", "--quiet", "--out", str(run)]) == 0
+    assert run_kind(run / "config.toml") == kind
+    assert main(["evaluate", str(run), "--log-likelihood-samples", "4"]) == 0
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert math.isfinite(evaluation["test_elbo"]) and math.isfinite(
+        evaluation["test_log_likelihood"]
+    )
+    assert main(["sample", str(run), "-n", "3"]) == 0
+    samples = np.load(next(run.glob("samples_n3*.npy")))
+    assert samples.shape[-1] == 64 and np.isfinite(samples).all()
+    out = tmp_path / "compare"
+    assert main([*compare, *COMPARE_BUDGET, "--out", str(out)]) == 0
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2, rows
+    capsys.readouterr()
+
+
+def _torchrun(args: list[str], dump: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PPL_VAE_DIST_DUMP=str(dump))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    r = subprocess.run(
+        [*launcher, "-m", "ppl_vae.cli", *args], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(CLI))
+def test_two_gloo_processes_train_the_kind(kind, tmp_path):
+    """Under ``torchrun`` with two gloo processes: both ranks end with the weights the run
+    evaluated (best.pt's), and only rank 0 wrote the run."""
+    import json
+
+    run, dump = tmp_path / "run", tmp_path / "dump"
+    _torchrun([*CLI[kind][0], "--epochs", "2", "--quiet", "--out", str(run)], dump)
+    ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    best = torch.load(run / "best.pt", weights_only=True)["model"]
+    assert ranks[0].keys() == ranks[1].keys() == best.keys()
+    for k, v in best.items():
+        assert torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(ranks[0][k], v), k
+    assert json.loads((run / "metrics.json").read_text())["processes"] == 2

@@ -186,6 +186,17 @@ def add_run_options(
         ),
     )
     g.add_argument("--max-train", type=int, help="use at most this many training points")
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        help=f"share of the training data held out for validation (default {d.val_fraction})",
+    )
+    g.add_argument(
+        "--test-fraction",
+        type=float,
+        help=f"share of the data held out for testing when the data set has no test split of "
+        f"its own (default {d.test_fraction})",
+    )
     g = groups["model"] = p.add_argument_group("model")
     g.add_argument(
         "--prior",
@@ -243,6 +254,13 @@ def add_run_options(
     g.add_argument("--clip-norm", type=float, help="clip the gradient norm (default off)")
     add_schedule_options(g)
     g = groups["execution"] = p.add_argument_group("evaluation and execution")
+    g.add_argument(
+        "--latent-diagnostics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per-epoch KL per dimension, reconstruction term and active units on the "
+        "validation split (default on)",
+    )
     g.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), help="device (default auto: cuda if available)"
     )

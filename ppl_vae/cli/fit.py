@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from ..models.errors import ConfigError
 from .common import (
-    add_network_options,
-    add_schedule_options,
+    add_run_options,
     add_tracker_option,
-    int_list,
-    key_values,
     out_path,
+    run_config_from_args,
     trackers_from_args,
 )
 
@@ -43,88 +40,37 @@ def register(sub: Any) -> None:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The flags of :class:`~ppl_vae.config.FitConfig`: the shared ones
+    (:func:`~ppl_vae.cli.common.add_run_options`) and fit's own."""
     from ..config import FitConfig
 
     d = FitConfig()
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        help=f"'digits', 'mnist', 'fashion-mnist', 'svhn' or a .npy/.npz file (default {d.data})",
-    )
+    groups = add_run_options(p, d)
+    g = groups["data"]
     g.add_argument("--test-data", help="a fixed test file (default: split off the data by seed)")
-    g.add_argument(
-        "--data-root",
-        help="where torchvision data sets live (default $PPL_VAE_DATA or ~/.cache/ppl_vae)",
-    )
-    g.add_argument(
-        "--download",
-        action="store_true",
-        default=None,
-        help="allow downloading mnist/fashion-mnist/svhn (needs internet)",
-    )
-    g.add_argument(
-        "--binarize",
-        choices=("auto", "none", "static", "dynamic"),
-        help=f"binarise pixels (default {d.binarize}: dynamic when the likelihood needs binary data)",
-    )
-    g.add_argument("--max-train", type=int, help="use at most this many training points")
-    g = p.add_argument_group("model")
+    g = groups["model"]
     g.add_argument(
         "--model",
-        help="your own model/guide pair, 'file.py:Class' or 'package.module:Class': a module "
-        "whose model(x) observes x under pyro.plate('data') and whose guide(x) samples every "
-        "latent site (default: the built-in VAE from the options below); a file is imported, "
-        "i.e. its code runs",
+        help="a model/guide pair instead of the built-in VAE: a shipped one (hierarchical, "
+        "ladder), 'file.py:Class' or 'package.module:Class': a module whose model(x) observes "
+        "x under pyro.plate('data') and whose guide(x) samples every latent site; a file is "
+        "imported, i.e. its code runs",
     )
     g.add_argument(
         "--model-arg",
         action="append",
         metavar="KEY=VALUE",
-        help="option of --model's constructor, repeatable (data_shape is passed if it takes one)",
+        help="option of --model's constructor, repeatable (data_shape, prior, likelihood, "
+        "latent_dim and hidden_dims are passed if it takes them)",
     )
-    g.add_argument(
-        "--prior",
-        help=f"prior name, 'file.py:Class' or 'package.module:Class' (default {d.prior}); a file is imported, i.e. its code runs",
-    )
-    g.add_argument(
-        "--prior-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="prior option, repeatable (e.g. concentration=2.0)",
-    )
-    g.add_argument(
-        "--likelihood", help=f"likelihood name or 'file.py:Class' (default {d.likelihood})"
-    )
-    g.add_argument(
-        "--likelihood-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="likelihood option, repeatable (e.g. scale=fixed)",
-    )
-    g.add_argument("--latent-dim", type=int, help=f"latent dimensions (default {d.latent_dim})")
-    g.add_argument(
-        "--hidden-dims",
-        type=int_list,
-        help="hidden widths, comma list; empty gives linear maps (default 256,128)",
-    )
-    g.add_argument(
-        "--network", choices=("auto", "mlp", "conv"), help=f"network type (default {d.network})"
-    )
-    add_network_options(g)
-    g = p.add_argument_group("objective and optimisation")
+    g = groups["optimisation"]
     g.add_argument(
         "--estimator",
         help=f"ELBO estimator, e.g. trace, meanfield, tracegraph, iwae:5, renyi:0.5 (default {d.estimator})",
     )
     g.add_argument(
-        "--num-particles", type=int, help=f"particles per step (default {d.num_particles})"
-    )
-    g.add_argument(
         "--vectorize-particles", action="store_true", default=None, help="vectorise the particles"
     )
-    g.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
-    g.add_argument("--batch-size", type=int, help=f"mini-batch size (default {d.batch_size})")
-    g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--beta", type=float, help=f"KL weight (default {d.beta})")
     g.add_argument(
         "--warmup-epochs",
@@ -148,9 +94,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="KL floor in nats per latent dimension (Kingma et al. 2016; trace/meanfield; "
         "default 0: off)",
     )
-    g.add_argument("--clip-norm", type=float, help="clip the gradient norm (default off)")
-    add_schedule_options(g)
-    g = p.add_argument_group("evaluation and execution")
+    g = groups["execution"]
     g.add_argument(
         "--log-likelihood-samples",
         type=int,
@@ -162,37 +106,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="reconstruction/sample figures show draws from p(x|z), not its mean",
     )
-    g.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), help="device (default auto: cuda if available)"
-    )
-    g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Options given on the command line (``None`` means: not given)."""
     from ..config import FitConfig
 
-    given: dict[str, Any] = {}
-    for f in fields(FitConfig):
-        if f.name.endswith("_args"):
-            continue
-        v = getattr(args, f.name, None)
-        if v is not None:
-            given[f.name] = v
-    for part in (
-        "model",
-        "prior",
-        "likelihood",
-        "encoder",
-        "decoder",
-        "guide_family",
-        "lr_schedule",
-        "beta_schedule",
-    ):
-        if getattr(args, f"{part}_arg", None):
-            flag = f"--{part.replace('_', '-')}-arg"
-            given[f"{part}_args"] = key_values(getattr(args, f"{part}_arg"), flag)
-    return given
+    return run_config_from_args(args, FitConfig)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from ..models.errors import ConfigError
 from .common import (
-    add_network_options,
-    add_schedule_options,
+    add_run_options,
     add_tracker_option,
-    int_list,
-    key_values,
     out_path,
+    run_config_from_args,
     trackers_from_args,
 )
 
@@ -63,21 +60,23 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--config", help="a config.toml/.json to start from (flags override it)")
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        help=f"'digits', 'mnist', 'fashion-mnist', 'svhn' or a .npz with labels (default {d.data})",
+    groups = add_run_options(
+        p,
+        d,
+        help={
+            "data": "'digits', 'mnist', 'fashion-mnist', 'svhn' or a .npz with labels "
+            f"(default {d.data})",
+            "binarize": f"binarise pixels (default {d.binarize})",
+            "likelihood": f"likelihood name or 'file.py:Class' (default {d.likelihood}: "
+            "discretized-logistic for 8-bit/quantised data)",
+            "hidden_dims": "hidden widths of encoder, decoder and classifier, comma list "
+            "(default 256,128)",
+            "epochs": f"passes over the unlabelled data (default {d.epochs})",
+            "batch_size": f"unlabelled points per step (default {d.batch_size})",
+            "seed": f"random seed: splits, labelled subset, initialisation (default {d.seed})",
+        },
     )
-    g.add_argument(
-        "--data-root",
-        help="where torchvision data sets live (default $PPL_VAE_DATA or ~/.cache/ppl_vae)",
-    )
-    g.add_argument(
-        "--download",
-        action="store_true",
-        default=None,
-        help="allow downloading mnist/fashion-mnist/svhn (needs internet)",
-    )
+    g = groups["data"]
     g.add_argument(
         "--svhn-extra",
         action="store_true",
@@ -85,18 +84,12 @@ def register(subparsers: Any) -> None:
         help="add SVHN's 531,131 'extra' images to the training data (about 6.5 GB as float32)",
     )
     g.add_argument(
-        "--binarize",
-        choices=("auto", "none", "static", "dynamic"),
-        help=f"binarise pixels (default {d.binarize})",
-    )
-    g.add_argument("--max-train", type=int, help="use at most this many training points")
-    g.add_argument(
         "--labels",
         type=_labels,
         help=f"labelled training examples, class-balanced, fixed by --seed; 'all' gives a conditional VAE (default {d.labels})",
     )
     g.add_argument("--num-classes", type=int, help="number of classes (default: the data's)")
-    g = p.add_argument_group("model")
+    g = groups["model"]
     g.add_argument(
         "--label-guide",
         help=f"q(y|x) strategy: enumerate, relaxed, sample, or 'file.py:Class' (default {d.label_guide})",
@@ -113,54 +106,13 @@ def register(subparsers: Any) -> None:
         help=f"classification loss weight, Kingma et al.'s alpha divided by N (default {d.alpha}, the paper's 0.1*N)",
     )
     g.add_argument("--class-probs", type=_float_list, help="p(y), comma list (default uniform)")
-    g.add_argument(
-        "--prior",
-        help=f"prior of z: name, 'file.py:Class' or 'package.module:Class' (default {d.prior})",
-    )
-    g.add_argument(
-        "--prior-arg", action="append", metavar="KEY=VALUE", help="prior option, repeatable"
-    )
-    g.add_argument(
-        "--likelihood",
-        help=f"likelihood name or 'file.py:Class' (default {d.likelihood}: discretized-logistic for 8-bit/quantised data)",
-    )
-    g.add_argument(
-        "--likelihood-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="likelihood option, repeatable (e.g. num_mixtures=5)",
-    )
-    g.add_argument("--latent-dim", type=int, help=f"dimensions of z (default {d.latent_dim})")
-    g.add_argument(
-        "--hidden-dims",
-        type=int_list,
-        help="hidden widths of encoder, decoder and classifier, comma list (default 256,128)",
-    )
-    g.add_argument(
-        "--network",
-        choices=("auto", "mlp", "conv"),
-        help=f"network type (default {d.network}: conv for images of 16x16 and more)",
-    )
-    add_network_options(g)
-    g = p.add_argument_group("optimisation")
-    g.add_argument(
-        "--num-particles", type=int, help=f"particles per step (default {d.num_particles})"
-    )
-    g.add_argument(
-        "--epochs", type=int, help=f"passes over the unlabelled data (default {d.epochs})"
-    )
-    g.add_argument(
-        "--batch-size", type=int, help=f"unlabelled points per step (default {d.batch_size})"
-    )
+    g = groups["optimisation"]
     g.add_argument(
         "--labelled-batch-size",
         type=int,
         help="labelled points per step (default: --batch-size, at most --labels)",
     )
-    g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    g.add_argument("--clip-norm", type=float, help="clip the gradient norm (default off)")
-    add_schedule_options(g)
-    g = p.add_argument_group("evaluation and execution")
+    g = groups["execution"]
     g.add_argument(
         "--elbo-samples",
         type=int,
@@ -185,14 +137,6 @@ def register(subparsers: Any) -> None:
         type=float,
         help="the baseline classifier's dropout (default: the label guide's, 0)",
     )
-    g.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), help="device (default auto: cuda if available)"
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        help=f"random seed: splits, labelled subset, initialisation (default {d.seed})",
-    )
     p.add_argument("--out", type=out_path, help="run directory (default runs/ssl-TIMESTAMP)")
     p.add_argument(
         "--resume",
@@ -210,26 +154,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`~ppl_vae.ssl.SSLConfig` fields given on the command line."""
     from ..ssl import SSLConfig
 
-    given: dict[str, Any] = {}
-    for f in fields(SSLConfig):
-        if f.name.endswith("_args"):
-            continue
-        v = getattr(args, f.name, None)
-        if v is not None:
-            given[f.name] = v
-    for name in (
-        "prior",
-        "likelihood",
-        "label_guide",
-        "encoder",
-        "decoder",
-        "guide_family",
-        "lr_schedule",
-    ):
-        items = getattr(args, f"{name}_arg", None)
-        if items:
-            given[f"{name}_args"] = key_values(items, f"--{name.replace('_', '-')}-arg")
-    return given
+    return run_config_from_args(args, SSLConfig)
 
 
 def cmd_ssl(args: argparse.Namespace) -> int:
