@@ -155,12 +155,16 @@ class RunConfig(ConfigFile):
 
     # data
     data: str = "digits"
+    test_data: str | None = None  # a fixed test file instead of a split of the data
     data_root: str | None = None
     download: bool = False
     binarize: str = "auto"
     max_train: int | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    # the data split (and M2's labelled subset, a fixed binarisation of the evaluation data);
+    # None: the run's `seed`, so one seed fixes everything
+    data_seed: int | None = None
     # model components (the built-in models)
     prior: str = "gaussian"
     prior_args: dict[str, Any] = field(default_factory=dict)
@@ -190,6 +194,11 @@ class RunConfig(ConfigFile):
     device: str = "auto"
     seed: int = 0
 
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data split: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -206,6 +215,8 @@ class RunConfig(ConfigFile):
             raise ConfigError(f"`lr` must be a finite number > 0, got {self.lr}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"`seed` must be an integer in [0, 2**32), got {self.seed}")
+        if self.data_seed is not None and not 0 <= self.data_seed < 2**32:
+            raise ConfigError(f"`data_seed` must be an integer in [0, 2**32), got {self.data_seed}")
         if self.max_train is not None and self.max_train <= 0:
             raise ConfigError(f"`max_train` must be positive, got {self.max_train}")
         if any(h <= 0 for h in self.hidden_dims):
@@ -214,7 +225,9 @@ class RunConfig(ConfigFile):
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"`clip_norm` must be positive, got {self.clip_norm}")
         if self.patience is not None and self.patience < 1:
-            raise ConfigError(f"`patience` must be a positive number of epochs, got {self.patience}")
+            raise ConfigError(
+                f"`patience` must be a positive number of epochs, got {self.patience}"
+            )
         _check_split_fractions(self.val_fraction, self.test_fraction)
 
 
@@ -229,8 +242,6 @@ class FitConfig(RunConfig):
     )
     kinds = ("vae", "user")
 
-    # data
-    test_data: str | None = None
     # model: a user's own model/guide pair (kind "user") instead of the built-in VAE
     model: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -358,7 +369,7 @@ class SSLConfig(RunConfig):
     fields of M2:
 
     Attributes:
-        labels: number of labelled training examples (class-balanced, chosen by ``seed``), or
+        labels: number of labelled training examples (class-balanced, chosen by ``data_seed``), or
             ``"all"`` for a conditional VAE on fully labelled data.
         num_classes: K; ``None`` takes the data set's.
         svhn_extra: append SVHN's ``extra`` split (531,131 images) to the training set.

@@ -630,7 +630,7 @@ def build_ssl_run(
     r"""Rebuild what an M2 run is made of from its config: data, labelled subset and model.
 
     This is the one way :func:`fit_ssl` and :func:`ppl_vae.runs.reopen.load_run` build an M2 run, so
-    a run directory reopens exactly as it was trained: the same split (the config's ``seed``),
+    a run directory reopens exactly as it was trained: the same split (``cfg.split_seed``),
     the same class-balanced labelled subset, the same networks. It seeds Pyro's (torch, NumPy,
     Python) random states with ``cfg.seed`` first and draws from them only to initialise the
     networks; components that initialise from the data are left to the caller (fresh runs only).
@@ -651,13 +651,14 @@ def build_ssl_run(
     if dataset is None:
         dataset = load_data(
             cfg.data,
+            test_data=cfg.test_data,
             root=cfg.data_root,
             download=cfg.download if download is None else download,
             binarize="static" if cfg.binarize == "static" else "none",
             val_fraction=cfg.val_fraction,
             test_fraction=cfg.test_fraction,
             max_train=cfg.max_train,
-            seed=cfg.seed,
+            seed=cfg.split_seed,
             svhn_extra=cfg.svhn_extra,
         )
     elif cfg.svhn_extra:
@@ -682,7 +683,7 @@ def build_ssl_run(
         unlabelled = np.arange(0)
     else:
         labelled, unlabelled = split_labelled(
-            dataset.train_y, int(cfg.labels), num_classes, cfg.seed
+            dataset.train_y, int(cfg.labels), num_classes, cfg.split_seed
         )
         if len(unlabelled) == 0:
             raise ConfigError(
@@ -722,7 +723,7 @@ def build_ssl_run(
     cfg = SSLConfig.from_dict(resolved)
     dataset = dataset.to(device)
     model.to(device)
-    train, val, test, dynamic = prepare_data(dataset, model, cfg.binarize, cfg.seed)
+    train, val, test, dynamic = prepare_data(dataset, model, cfg.binarize, cfg.split_seed)
     return SSLBuild(cfg, dataset, model, labelled, unlabelled, (train, val, test), dynamic)
 
 

@@ -85,7 +85,7 @@ def load_config_data(
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
         max_train=cfg.max_train,
-        seed=cfg.seed if seed is None else seed,
+        seed=cfg.split_seed if seed is None else seed,
     )
 
 
@@ -367,7 +367,7 @@ def _fit(
     )
     dataset = dataset.to(device)
     vae.to(device)
-    train_x, val_x, test_x, dynamic = prepare_data(dataset, vae, cfg.binarize, cfg.seed)
+    train_x, val_x, test_x, dynamic = prepare_data(dataset, vae, cfg.binarize, cfg.split_seed)
     if not resume:
         initialize_from_data(vae, train_x)
     make_kind = UserKind if user else VAEKind

@@ -168,6 +168,17 @@ def add_run_options(
         ),
     )
     g.add_argument(
+        "--test-data",
+        help="a fixed test file (.npy/.npz; labels as y in a .npz) instead of a test split "
+        "(default: split off the data by --data-seed)",
+    )
+    g.add_argument(
+        "--data-seed",
+        type=int,
+        help="seed of the data split (and of M2's labelled subset), independent of --seed "
+        "(default: --seed)",
+    )
+    g.add_argument(
         "--data-root",
         help="where torchvision data sets live (default $PPL_VAE_DATA or ~/.cache/ppl_vae)",
     )

@@ -46,8 +46,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
     d = FitConfig()
     groups = add_run_options(p, d)
-    g = groups["data"]
-    g.add_argument("--test-data", help="a fixed test file (default: split off the data by seed)")
     g = groups["model"]
     g.add_argument(
         "--model",

@@ -73,7 +73,8 @@ def register(subparsers: Any) -> None:
             "(default 256,128)",
             "epochs": f"passes over the unlabelled data (default {d.epochs})",
             "batch_size": f"unlabelled points per step (default {d.batch_size})",
-            "seed": f"random seed: splits, labelled subset, initialisation (default {d.seed})",
+            "seed": "random seed: initialisation and training, and the split and labelled "
+            f"subset unless --data-seed is given (default {d.seed})",
         },
     )
     g = groups["data"]
