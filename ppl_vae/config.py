@@ -373,6 +373,10 @@ class SSLConfig(RunConfig):
             ``"all"`` for a conditional VAE on fully labelled data.
         num_classes: K; ``None`` takes the data set's.
         svhn_extra: append SVHN's ``extra`` split (531,131 images) to the training set.
+        features: a VAE run directory (``ppl-vae fit``): M1+M2, M2 trained on that run's codes
+            of its own data and split (:mod:`ppl_vae.runs.features`); the data options then
+            come from that run.
+        features_mode: ``"mean"`` (posterior means) or ``"sample"`` (one draw per point).
         label_guide: the strategy for unobserved labels: ``enumerate``, ``relaxed``, ``sample`` or
             ``file.py:Class``.
         label_guide_args: options of the label guide (``hidden_dims``, ``dropout``,
@@ -421,6 +425,9 @@ class SSLConfig(RunConfig):
     svhn_extra: bool = False
     labels: int | str = 100
     num_classes: int | None = None
+    # M1+M2: train on the codes of this VAE run (its data and split) instead of the data
+    features: str | None = None
+    features_mode: str = "mean"  # "mean": E_q[z|x]; "sample": one draw per point
     # model
     label_guide: str = "enumerate"
     label_guide_args: dict[str, Any] = field(default_factory=dict)
@@ -452,6 +459,20 @@ class SSLConfig(RunConfig):
                 raise ConfigError(f"`{name}` must be positive, got {v}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ConfigError(f"`num_classes` must be at least 2, got {self.num_classes}")
+        if self.features_mode not in ("mean", "sample"):
+            raise ConfigError(
+                f"`features_mode` must be 'mean' or 'sample', got {self.features_mode!r}"
+            )
+        if self.features is not None:
+            default = type(self)()
+            data_fields = ("data", "test_data", "data_root", "download", "binarize", "max_train",
+                           "val_fraction", "test_fraction", "svhn_extra")  # fmt: skip
+            given = [f for f in data_fields if getattr(self, f) != getattr(default, f)]
+            if given:
+                raise ConfigError(
+                    f"with `features` the data and their split are those of the run "
+                    f"{self.features!r}; drop {sorted(given)}"
+                )
         if self.baseline_lr is not None and not 0 < self.baseline_lr <= FLOAT32_MAX:
             raise ConfigError(f"`baseline_lr` must be a finite number > 0, got {self.baseline_lr}")
         if self.baseline_dropout is not None and not 0 <= self.baseline_dropout < 1:

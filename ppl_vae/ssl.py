@@ -648,6 +648,13 @@ def build_ssl_run(
     """
     device = torch.device(device)
     pyro.set_rng_seed(cfg.seed)
+    if cfg.features is not None:
+        if dataset is not None:
+            raise ConfigError("`features` brings its own data: pass no dataset= with it")
+        from .runs.features import feature_dataset
+
+        dataset = feature_dataset(cfg.features, cfg.features_mode, seed=cfg.split_seed)
+        pyro.set_rng_seed(cfg.seed)  # reopening the features run drew nothing; be sure
     if dataset is None:
         dataset = load_data(
             cfg.data,

@@ -358,8 +358,10 @@ def test_example_runs_with_smoke(tmp_path, capsys):
     example = runpy.run_path(str(ROOT / "examples" / "svhn_semisupervised.py"), run_name="example")
     argv = ["--smoke", "--data-root", str(tmp_path / "no-svhn"), "--out", str(tmp_path / "run")]
     assert example["main"](argv) == 0
-    assert "digits: M2 test accuracy" in capsys.readouterr().out
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    out = capsys.readouterr().out
+    assert "digits: M2 test accuracy" in out and "digits: M1+M2 test accuracy" in out
+    for name in ("m2", "m1", "m1m2"):
+        assert (tmp_path / "run" / name / "metrics.json").is_file(), name
 
 
 # -- Pyro tools on the model/guide pair ----------------------------------------------------------

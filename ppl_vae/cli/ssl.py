@@ -90,6 +90,16 @@ def register(subparsers: Any) -> None:
         help=f"labelled training examples, class-balanced, fixed by --seed; 'all' gives a conditional VAE (default {d.labels})",
     )
     g.add_argument("--num-classes", type=int, help="number of classes (default: the data's)")
+    g.add_argument(
+        "--features",
+        help="M1+M2: train M2 on the codes of this VAE run (ppl-vae fit RUN_DIR) of its own "
+        "data and split, instead of on the data",
+    )
+    g.add_argument(
+        "--features-mode",
+        choices=("mean", "sample"),
+        help="the codes: posterior means (default) or one draw of q(z|x) per point",
+    )
     g = groups["model"]
     g.add_argument(
         "--label-guide",
