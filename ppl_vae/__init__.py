@@ -9,16 +9,48 @@ Example:
     >>> result = fit(epochs=2, quiet=True)  # doctest: +SKIP
 """
 
-from .config import FitConfig
-from .data import Dataset, load_data
-from .inference.estimators import estimator_names, make_elbo
-from .inference.scoring import score
-from .models.errors import ConfigError
-from .runs.compare import compare_estimators
-from .runs.reopen import Run, evaluate, load_run
-from .ssl import SSVAE, SSLConfig, build_ssvae, fit_ssl
-from .train import FitResult, TrainingError, fit
-from .vae import VAE, build_vae
+import importlib
+from typing import Any
+
+#: Public name -> the module that defines it. Imported on first use (PEP 562), so that
+#: ``import ppl_vae`` (and the ``ppl-vae`` command's start-up, which must answer SIGINT with
+#: "interrupted") does not import torch and Pyro before they are needed.
+_EXPORTS = {
+    "FitConfig": ".config",
+    "SSLConfig": ".ssl",
+    "Dataset": ".data",
+    "load_data": ".data",
+    "estimator_names": ".inference.estimators",
+    "make_elbo": ".inference.estimators",
+    "score": ".inference.scoring",
+    "ConfigError": ".models.errors",
+    "compare_estimators": ".runs.compare",
+    "Run": ".runs.reopen",
+    "evaluate": ".runs.reopen",
+    "load_run": ".runs.reopen",
+    "SSVAE": ".ssl",
+    "build_ssvae": ".ssl",
+    "fit_ssl": ".ssl",
+    "FitResult": ".train",
+    "TrainingError": ".train",
+    "fit": ".train",
+    "VAE": ".vae",
+    "build_vae": ".vae",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ppl_vae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __version__ = "0.1.0"
 
