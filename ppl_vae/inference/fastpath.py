@@ -35,8 +35,10 @@ host-device synchronisation; Pyro's path makes 25-27 per step with validation on
 every log-prob sum, NaN/inf warnings, argument checks).
 
 **When it is used.** The first call with a positive ``kl_scale`` runs the Pyro ELBO itself, with
-Pyro's validation and warnings, on traced copies of ``model`` and ``guide``; the fast path is
-switched on only if the traces show exactly this engine's structure: guide site ``z``; model
+Pyro's validation and warnings, on traced copies of ``model`` and ``guide`` (and, once the fast
+path is on, rewinds the random state and returns the fast path's value of the same draws, so a
+step's value never depends on being a process's first); the fast path is switched on only if
+the traces show exactly this engine's structure: guide site ``z``; model
 sites ``z``, then ``x`` observing the data; only the ``data`` plate (and the particle plate);
 no masks; ``z`` scaled by ``kl_scale``, ``x`` unscaled; a fully reparameterised guide site
 (``has_rsample`` and Pyro's default ``score_parts``). The types of q(z|x) and of p(z) in that
@@ -193,14 +195,27 @@ class FastELBOLoss:
         return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
 
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
-        """Run Pyro's ELBO on traced model/guide; switch the fast path on if the traces allow."""
+        """Run Pyro's ELBO on traced model/guide; switch the fast path on if the traces allow.
+
+        When it switches on, the step's value is the fast path's, of the same draws (the random
+        state is rewound to before Pyro's step), so that the value of a step does not depend on
+        whether it was the first of a process: a resumed run's history equals an uninterrupted
+        run's bitwise, not only its parameters."""
+        devices = [x.device] if x.is_cuda else []
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
         model = poutine.trace(self.vae.model)
         guide = poutine.trace(self.vae.guide)
         self.steps["pyro"] += 1
         loss = self.elbo.differentiable_loss(model, guide, x)
         self.reason = self._check(model.trace, guide.trace, x)
         self.fast = not self.reason
-        return loss
+        if not self.fast:
+            return loss
+        torch.set_rng_state(cpu_state)
+        for d, state in zip(devices, cuda_states, strict=True):
+            torch.cuda.set_rng_state(state, d)
+        return self(x)
 
     def _check(
         self, model_trace: poutine.Trace, guide_trace: poutine.Trace, x: torch.Tensor
