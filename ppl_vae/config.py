@@ -27,6 +27,11 @@ BINARIZE = ("auto", "none", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
 #: The largest float32: parameters are float32, so larger rates and weights overflow them.
 FLOAT32_MAX = 3.4028234663852886e38
+#: Budgets no run can finish are refused rather than started: a million passes over the data is
+#: 300 times the longest schedule in the VAE literature we follow (Burda et al.: 3,280 epochs),
+#: and a million importance samples per point 200 times their K = 5,000.
+MAX_EPOCHS = 1_000_000
+MAX_IMPORTANCE_SAMPLES = 1_000_000
 
 
 class ConfigFile:
@@ -211,6 +216,11 @@ class RunConfig(ConfigFile):
         if self.device not in DEVICES:
             raise ConfigError(f"`device` must be one of {list(DEVICES)}, got {self.device!r}")
         _positive(self, "latent_dim", "num_particles", "epochs", "batch_size", "lr")
+        if self.epochs > MAX_EPOCHS:
+            raise ConfigError(
+                f"`epochs` = {self.epochs} cannot finish; at most {MAX_EPOCHS:,} passes are "
+                "accepted (the longest published schedules are a few thousand)"
+            )
         if not self.lr <= FLOAT32_MAX:
             raise ConfigError(f"`lr` must be a finite number > 0, got {self.lr}")
         if not 0 <= self.seed < 2**32:
@@ -268,6 +278,12 @@ class FitConfig(RunConfig):
         """Check types and ranges; raise :class:`ConfigError` naming the field and the value."""
         super().validate()
         _positive(self, "log_likelihood_samples", "log_likelihood_chunk")
+        if self.log_likelihood_samples > MAX_IMPORTANCE_SAMPLES:
+            raise ConfigError(
+                f"`log_likelihood_samples` = {self.log_likelihood_samples} cannot finish; at most "
+                f"{MAX_IMPORTANCE_SAMPLES:,} importance samples per point are accepted "
+                "(Burda et al. use 5,000)"
+            )
         if not 0 < self.beta <= FLOAT32_MAX:
             raise ConfigError(f"`beta` must be a finite number > 0, got {self.beta}")
         if not 0 <= self.warmup_epochs <= FLOAT32_MAX:

@@ -56,3 +56,28 @@ def test_unknown_keys_and_bad_files(tmp_path):
         FitConfig.load(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         FitConfig.load(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("epochs", 10**23, "cannot finish"),
+        ("log_likelihood_samples", 10**9, "cannot finish"),
+    ],
+)
+def test_budgets_no_run_can_finish_are_refused_before_anything_starts(option, value, message):
+    from ppl_vae.config import FitConfig as Config
+
+    with pytest.raises(ConfigError, match=message):
+        Config(**{option: value})
+
+
+def test_a_huge_epoch_count_in_a_config_file_is_one_line_exit_2(tmp_path, capsys):
+    from ppl_vae.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("epochs = 100000000000000000000000\n")
+    assert main(["fit", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot finish" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
