@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.errors import ConfigError
-from .common import EXIT_USAGE, Parser, out_path
+from .common import Parser, out_path
 from .fit import add_model_options, config_from_args
 
 DEFAULT_ESTIMATORS = "trace,meanfield,tracegraph,iwae:5,dreg:5,stl"
@@ -261,23 +261,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ppl_vae.cli.compare [flags]``: the ``compare`` command on its own."""
-    parser = Parser(prog="ppl-vae")
-    register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
-    args = parser.parse_args(["compare", *(sys.argv[1:] if argv is None else argv)])
-    from ..train import TrainingError
+    """``python -m ppl_vae.cli.compare [flags]``: the ``compare`` command on its own, through the
+    command line's one error layer (:func:`ppl_vae.cli.main`)."""
+    from . import main as cli_main
 
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"ppl-vae compare: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except TrainingError as e:
-        print(f"ppl-vae compare: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ppl-vae compare: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["compare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover
