@@ -18,6 +18,7 @@ SAMPLES_PER_CLASS = 10
 def register(sub: Any) -> None:
     """Add ``evaluate`` and ``sample`` to the ``ppl-vae`` sub-parsers."""
     from ..kinds.m2 import LOG_LIKELIHOOD_SAMPLES
+    from .score import add_eval_memory_option
 
     p = sub.add_parser(
         "evaluate",
@@ -40,7 +41,9 @@ def register(sub: Any) -> None:
         help="score this .npy/.npz file instead of the test split (M2: accuracy if it has "
         "labels 'y', else log p(x) and ELBO only)",
     )
+    add_eval_memory_option(p, "; VAE and user runs (M2 runs use their fixed chunks)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -83,6 +86,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         num_samples=args.log_likelihood_samples,
         device=args.device,
         test_data=args.test_data,
+        eval_memory=args.eval_memory,
+        progress=not args.quiet,
     )
     print(json.dumps(out, indent=2))
     return 0

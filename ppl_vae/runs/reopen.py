@@ -29,7 +29,13 @@ import torch
 
 from ..config import ConfigFile, FitConfig, load_run_config, run_kind, write_text_atomic
 from ..data import Dataset, load_data
-from ..inference.scoring import Scores, bits_per_dim, score, write_scores_csv
+from ..inference.scoring import (
+    DEFAULT_EVAL_MEMORY,
+    Scores,
+    bits_per_dim,
+    score,
+    write_scores_csv,
+)
 from ..models.errors import ConfigError
 from ..train import (
     build_config_model,
@@ -259,6 +265,8 @@ def evaluate(
     device: str = "auto",
     test_data: str | None = None,
     write: bool = True,
+    eval_memory: int | str | None = DEFAULT_EVAL_MEMORY,
+    progress: bool = False,
 ) -> dict[str, Any]:
     r"""Evaluate a run on its test split (or ``test_data``), in nats per data point.
 
@@ -276,7 +284,9 @@ def evaluate(
       :data:`~ppl_vae.kinds.m2.LOG_LIKELIHOOD_SAMPLES` = 100).
 
     Writes ``evaluation.json`` and per-point ``scores.csv`` (``evaluation_scores.csv`` for a
-    ``test_data`` file) into the run directory when ``write``.
+    ``test_data`` file) into the run directory when ``write``. ``vae`` and ``user`` runs cut
+    the importance-sampling chunks to ``eval_memory`` (:func:`~ppl_vae.inference.scoring.score`;
+    None: the fixed chunk) and show a progress bar with ``progress``.
     """
     if num_samples is not None and (isinstance(num_samples, bool) or num_samples < 1):
         raise ConfigError(f"`num_samples` must be a positive integer, got {num_samples!r}")
@@ -284,7 +294,7 @@ def evaluate(
     if run.kind == "m2":
         out, scores, labels = _evaluate_m2(run, num_samples, test_data)
     else:
-        out, scores, labels = _evaluate_vae(run, num_samples, test_data)
+        out, scores, labels = _evaluate_vae(run, num_samples, test_data, eval_memory, progress)
     if write:
         write_text_atomic(run.run_dir / "evaluation.json", json.dumps(out, indent=2) + "\n")
         name = "scores.csv" if test_data is None else "evaluation_scores.csv"
@@ -293,7 +303,11 @@ def evaluate(
 
 
 def _evaluate_vae(
-    run: Run, num_samples: int | None, test_data: str | None
+    run: Run,
+    num_samples: int | None,
+    test_data: str | None,
+    eval_memory: int | str | None = DEFAULT_EVAL_MEMORY,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], Scores, torch.Tensor | None]:
     cfg = run.config
     assert isinstance(cfg, FitConfig)
@@ -303,7 +317,12 @@ def _evaluate_vae(
     with pyro.settings.context(module_local_params=True):
         _, _, test_x, _ = prepare_data(run.dataset, run.model, cfg.binarize, cfg.seed)
         scores: Scores = score(
-            run.model, test_x, num_samples=k, chunk_size=cfg.log_likelihood_chunk
+            run.model,
+            test_x,
+            num_samples=k,
+            chunk_size=cfg.log_likelihood_chunk,
+            eval_memory=eval_memory,
+            progress=progress,
         )
     s = scores.summary()
     out = {
@@ -318,6 +337,7 @@ def _evaluate_vae(
         else None,
         "units": "nats per data point",
         "test_data": test_data or cfg.test_data or f"{cfg.data} (test split)",
+        "eval_chunk": scores.plan.as_dict() if scores.plan is not None else None,
     }
     return out, scores, run.dataset.test_y
 
