@@ -922,7 +922,7 @@ def compare_estimators(
                 )
             )
     else:
-        data_seed = cfg.seed
+        data_seed = cfg.split_seed
         data = dataset if dataset is not None else _load_dataset(cfg, data_seed)
         _preflight(cfg, data, specs)
         for spec, seed in ((sp, s) for sp in specs for s in seed_list):

@@ -255,7 +255,7 @@ def _replace_test_split(built: Any, test_data: str) -> tuple[Dataset, torch.Tens
         )
     dev = ds.train_x.device
     ds = replace(ds, test_x=other.test_x.to(dev), test_y=None if y is None else y.to(dev))
-    test_x = prepare_data(ds, model, cfg.binarize, cfg.seed)[2]
+    test_x = prepare_data(ds, model, cfg.binarize, cfg.split_seed)[2]
     return ds, test_x
 
 
@@ -315,7 +315,7 @@ def _evaluate_vae(
     lik = getattr(run.model, "likelihood", None)  # a user's pair has none of ours
     pyro.set_rng_seed(cfg.seed)
     with pyro.settings.context(module_local_params=True):
-        _, _, test_x, _ = prepare_data(run.dataset, run.model, cfg.binarize, cfg.seed)
+        _, _, test_x, _ = prepare_data(run.dataset, run.model, cfg.binarize, cfg.split_seed)
         scores: Scores = score(
             run.model,
             test_x,
