@@ -267,6 +267,9 @@ class FitConfig(RunConfig):
     # evaluation
     log_likelihood_samples: int = 1000
     log_likelihood_chunk: int = 100
+    # memory budget of the importance-sampling chunks ("512MiB", "1GB", bytes); the chunk
+    # shrinks to fit it (ppl_vae.inference.scoring)
+    eval_memory: str = "512MiB"
     figure_draws: bool = False  # figures show draws x ~ p(x|z) instead of E[x|z]
 
     @property
@@ -278,6 +281,9 @@ class FitConfig(RunConfig):
         """Check types and ranges; raise :class:`ConfigError` naming the field and the value."""
         super().validate()
         _positive(self, "log_likelihood_samples", "log_likelihood_chunk")
+        from .inference.scoring import parse_memory
+
+        parse_memory(self.eval_memory)  # a one-line ConfigError for a bad size
         if self.log_likelihood_samples > MAX_IMPORTANCE_SAMPLES:
             raise ConfigError(
                 f"`log_likelihood_samples` = {self.log_likelihood_samples} cannot finish; at most "

@@ -99,6 +99,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help=f"importance samples K for the test log-likelihood (default {d.log_likelihood_samples})",
     )
     g.add_argument(
+        "--eval-memory",
+        help="memory budget of the test log-likelihood's importance-sampling chunks, e.g. "
+        "512MiB (the default) or 2GB; the chunk shrinks to fit it",
+    )
+    g.add_argument(
         "--figure-draws",
         action="store_true",
         default=None,

@@ -87,6 +87,7 @@ class BatchedKind(ModelKind):
             self.test_x,
             num_samples=cfg.log_likelihood_samples,
             chunk_size=cfg.log_likelihood_chunk,
+            eval_memory=cfg.eval_memory,
         )
         summary = self.scores.summary()
         return {
