@@ -16,9 +16,16 @@ from ppl_vae import fit
 from ppl_vae.components import available
 
 
+def vae_priors() -> list[str]:
+    """Every shipped prior a VAE takes (a prior of the label, p(z|y), needs labels: M2 only)."""
+    from ppl_vae.components import resolve
+
+    return [p for p in available("prior") if not resolve(p, "prior").label_conditional]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--priors", default=",".join(available("prior")))
+    p.add_argument("--priors", default=",".join(vae_priors()))
     p.add_argument("--latent-dims", default="2,5,10")
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=int, default=50)

@@ -140,3 +140,15 @@ def test_metrics_say_how_each_kl_was_computed(tmp_path):
         figures=False, out=tmp_path / "run")  # fmt: skip
     latent = json.loads((tmp_path / "run" / "metrics.json").read_text())["latent"]
     assert latent["z"]["kl_method"] == "analytic" and 0 <= latent["z"]["active_units"] <= 3
+
+
+def test_metrics_report_the_latent_terms_of_the_evaluated_epoch():
+    """The test metrics are the best validation epoch's (best.pt): so are metrics['latent']."""
+    r = fit(epochs=40, patience=2, max_train=300, hidden_dims=[32], latent_dim=4, lr=0.05,
+            log_likelihood_samples=2, quiet=True, figures=False)  # fmt: skip
+    best = r.metrics["best_epoch"]
+    assert best < len(r.history)  # patience: two epochs past the best
+    row = r.history[best - 1]
+    latent = r.metrics["latent"]["z"]
+    assert latent["epoch"] == best
+    assert (latent["kl"], latent["active_units"]) == (row["kl_z"], int(row["active_z"]))

@@ -214,7 +214,8 @@ class LatentDiagnostics(Callback):
             module.train(was)
 
     def on_evaluated(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        """The last epoch's active units and KL per site, and how each KL was computed."""
+        """The evaluated epoch's active units and KL per site (the best validation epoch for a
+        kind that evaluates it, else the last), and how each KL was computed."""
         if not trainer.history:
             return
         if not self.kl_method:  # resumed with no epoch left to train: measure once
@@ -223,6 +224,9 @@ class LatentDiagnostics(Callback):
                 return
             self._columns(self._measure(trainer.module, batch))
         last = trainer.history[-1]
+        best = trainer.best_epoch
+        if trainer.kind.restore_best and 0 < best <= len(trainer.history):
+            last = trainer.history[best - 1]
         if any(f"active_{name}" not in last for name in self.kl_method):
             return  # a history written without the diagnostics
         metrics["latent"] = {
