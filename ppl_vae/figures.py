@@ -3,7 +3,8 @@ r"""Figures of a run, written with matplotlib's object API (no pyplot, no global
 ``elbo.png`` (training curves), ``reconstructions.png`` (test points and the likelihood's mean
 given their codes, or draws from it with ``draws=True``), ``samples.png`` (decoded prior samples), ``latent.png`` (posterior means
 coloured by label, PCA-projected when D > 2), ``interpolation.png`` (decoded codes on the
-prior's path between two test points), plus the prior's own geometry figures.
+prior's path between two test points), plus the prior's own geometry figures and the latent
+space's traversals, posterior histograms and KL per dimension (:mod:`ppl_vae.latent_figures`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ if TYPE_CHECKING:
     from .ssl import SSLResult
 
 
-def _figure(*args: Any, **kwargs: Any) -> Figure:
+def new_figure(*args: Any, **kwargs: Any) -> Figure:
+    """A matplotlib figure on its own Agg canvas (no pyplot state)."""
     fig = Figure(*args, **kwargs)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _as_images(x: torch.Tensor, image_shape: tuple[int, ...] | None) -> np.ndarray:
+_figure = new_figure
+
+
+def as_images(x: torch.Tensor, image_shape: tuple[int, ...] | None) -> np.ndarray:
     """``(N, *data_shape)`` -> ``(N, H, W)`` or ``(N, H, W, 3)`` in [0, 1] for display."""
     x = x.detach().float().cpu()
     n = x.shape[0]
@@ -41,6 +46,9 @@ def _as_images(x: torch.Tensor, image_shape: tuple[int, ...] | None) -> np.ndarr
         img = (img - lo) / max(hi - lo, 1e-8)
     arr = img.numpy()
     return arr[:, 0] if arr.shape[1] == 1 else np.transpose(arr, (0, 2, 3, 1))
+
+
+_as_images = as_images
 
 
 def image_grid(
@@ -161,6 +169,10 @@ def write_figures(
             vae.codes(test_x[:2000]).cpu(), labels.cpu() if labels is not None else None, fig_dir
         )
     ]
+    from .latent_figures import vae_view, write_latent_figures
+
+    view = vae_view(vae, test_x, ds.image_shape)
+    paths += write_latent_figures(fig_dir, view, result.history).paths
     vae.train(was_training)
     return paths
 
@@ -304,4 +316,8 @@ def write_ssl_figures(
     zs = model.posterior_mean(test_x[:2000], pred[:2000])
     labels = ds.test_y[:2000]
     paths += [Path(p) for p in model.prior.figures(zs.cpu(), labels.cpu(), fig_dir)]
+    from .latent_figures import m2_view, write_latent_figures
+
+    view = m2_view(model, test_x, pred, ds.image_shape)
+    paths += write_latent_figures(fig_dir, view, result.history).paths
     return paths

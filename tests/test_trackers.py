@@ -32,7 +32,8 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 FIT = {"epochs": 2, "max_train": 64, "log_likelihood_samples": 5, "quiet": True, "overwrite": True}
-FIGURES = {"elbo", "interpolation", "latent", "reconstructions", "samples"}
+FIGURES = {"elbo", "interpolation", "latent", "reconstructions", "samples", "traversals_z",
+           "posterior_z", "kl_per_dimension"}  # fmt: skip
 
 
 def mlflow_client(tracker: MLflowTracker):

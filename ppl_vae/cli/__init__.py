@@ -1,10 +1,10 @@
 r"""The ``ppl-vae`` command line: one module per command, one error layer.
 
 ``fit`` (:mod:`.fit`), ``evaluate`` and ``sample`` (:mod:`.runs`), ``score`` (:mod:`.score`),
-``ssl`` (:mod:`.ssl`), ``compare`` (:mod:`.compare`); shared option groups in :mod:`.common`.
-Every option has a default, so ``ppl-vae fit`` alone trains on the built-in digits data. Bad
-input ends with a one-line ``error: ...`` and exit code 2, never a traceback, and never changes
-an existing run directory.
+``plot`` (:mod:`.plot`), ``ssl`` (:mod:`.ssl`), ``compare`` (:mod:`.compare`); shared option
+groups in :mod:`.common`. Every option has a default, so ``ppl-vae fit`` alone trains on the
+built-in digits data. Bad input ends with a one-line ``error: ...`` and exit code 2, never a
+traceback, and never changes an existing run directory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["EXIT_USAGE", "build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     """The ``ppl-vae`` parser with every command registered."""
     from .. import __version__
-    from . import compare, fit, runs, score, ssl
+    from . import compare, fit, plot, runs, score, ssl
 
     parser = Parser(
         prog="ppl-vae",
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.register(sub)
     runs.register(sub)
     score.register(sub)
+    plot.register(sub)
     compare.register(sub)
     ssl.register(sub)
     return parser

@@ -175,6 +175,7 @@ class UserKind(BatchedKind):
         self, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, float]]
     ) -> Sequence[Path]:
         from ..figures import _as_images, elbo_curve, image_grid
+        from ..latent_figures import pair_view, write_latent_figures
 
         fig_dir = run_dir / "figures"
         fig_dir.mkdir(parents=True, exist_ok=True)
@@ -208,6 +209,8 @@ class UserKind(BatchedKind):
                 suptitle=f"mean of {site!r} given latents drawn from the model",
             )
         )
+        view = pair_view(self.module, self.test_x, shape)
+        paths += write_latent_figures(fig_dir, view, history).paths
         return paths
 
 
