@@ -471,7 +471,9 @@ class SpikeAndSlabFamily(VariationalFamily):
         return SpikeAndSlab(gate_logits=gate_logits, loc=loc, scale=scale).to_event(1)
 
     def extra_repr(self) -> str:
+        # the schedule, not the current temperature: the printout is the architecture a
+        # checkpoint records, and the temperature is training state
         return (
-            f"SpikeAndSlab(gate_logits, loc, scale), temperature={float(self.temperature):.3g} "
-            f"({self.initial_temperature:g} -> {self.final_temperature:g})"
+            f"SpikeAndSlab(gate_logits, loc, scale), temperature {self.initial_temperature:g} "
+            f"-> {self.final_temperature:g}"
         )

@@ -594,3 +594,16 @@ def test_svi_steps_decrease_loss(estimator: type) -> None:
     with torch.no_grad():
         codes = guide(x)
     assert 0.0 < prior.summary(codes)["zero_fraction"] < 1.0
+
+
+def test_a_spike_and_slab_run_reopens_and_resumes_after_its_temperature_annealed(tmp_path):
+    """The annealed temperature is training state, not architecture: a run whose guide ended
+    at the final temperature reopens (evaluate) and resumes against a freshly built model."""
+    from ppl_vae import fit
+    from ppl_vae.cli import main
+
+    out = tmp_path / "run"
+    fit(prior="spike-and-slab", epochs=2, max_train=200, hidden_dims=[16], latent_dim=3,
+        log_likelihood_samples=2, quiet=True, figures=False, out=out)  # fmt: skip
+    assert main(["evaluate", str(out), "--log-likelihood-samples", "2", "--quiet"]) == 0
+    assert main(["fit", "--resume", "--epochs", "3", "--out", str(out), "--quiet"]) == 0
