@@ -6,6 +6,7 @@ A new kind is tested by adding one entry to ``KINDS``: how to start a small run 
 from __future__ import annotations
 
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,45 @@ def test_two_gloo_processes_train_the_kind(kind, tmp_path):
     for k, v in best.items():
         assert torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(ranks[0][k], v), k
     assert json.loads((run / "metrics.json").read_text())["processes"] == 2
+
+
+def _cli_env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _cli_run(args: list[str]) -> None:
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ppl_vae.cli", *args], env=_cli_env(),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(CLI))
+def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(kind, tmp_path):
+    """SIGKILL a real process of the kind as soon as its first checkpoint exists, resume it,
+    and get the uninterrupted run's history and weights bit for bit."""
+    import sys
+    import time
+
+    train = [*CLI[kind][0], "--epochs", "6", "--quiet"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    _cli_run([*train, "--out", str(whole)])
+    p = subprocess.Popen([sys.executable, "-m", "ppl_vae.cli", *train, "--out", str(part)],
+                         env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (part / "checkpoint.pt").exists() and p.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    p.kill()
+    p.wait(timeout=60)
+    assert load_checkpoint(part)["epoch"] < 6, "the run finished before the kill: nothing tested"
+    _cli_run([train[0], "--resume", "--out", str(part), "--quiet"])
+    a, b = load_checkpoint(whole), load_checkpoint(part)
+    assert a["epoch"] == b["epoch"] == 6
+    assert _strip(a["history"]) == _strip(b["history"])
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
