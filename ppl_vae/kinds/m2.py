@@ -10,7 +10,10 @@ step loss of a shard is
     + \frac{w_u}{B_u} \sum_{i \in u_r} -\mathcal{U}(x_i),
 
 with :math:`w_l = N_l / N`, :math:`w_u = N_u / N`: three Pyro ELBOs, each the
-``differentiable_loss`` of a Pyro program pair. The labelled bound is ``Trace_ELBO`` (or
+``differentiable_loss`` of a Pyro program pair (after a first validated Pyro step,
+:class:`~ppl_vae.inference.m2_fastpath.M2Loss` computes the ``Trace_ELBO`` and ``TraceEnum_ELBO``
+ones from the modules directly, with Pyro's values and gradients bitwise; ``M2Kind.fast = False``
+keeps Pyro's). The labelled bound is ``Trace_ELBO`` (or
 ``TraceGraph_ELBO`` for score-function label guides) on ``model(x, y)`` / ``guide(x, y)``; the
 unlabelled one is the label guide's estimator on ``model(x)`` / ``guide(x)`` (a config's
 ``estimator``, when set, trains both bounds instead); the classification
@@ -42,6 +45,7 @@ from ..components import spec_of
 from ..data import Dataset
 from ..guides.labels.base import LabelGuide
 from ..inference.estimators import make_elbo, parse_estimator
+from ..inference.m2_fastpath import M2Loss
 from ..inference.scoring import Scores, bits_per_dim
 from ..models.errors import ConfigError
 from ..training.trainer import write_history_csv
@@ -276,6 +280,8 @@ class M2Kind(ModelKind):
             "trace" if labelled == "enum" else labelled, cfg.num_particles, max_plate_nesting=1
         )
         self.class_elbo = make_elbo("trace", 1, max_plate_nesting=1)
+        # The three terms, computed without Pyro's tracing where the estimators allow it.
+        self.terms = M2Loss(model, self.labelled_elbo, self.unlabelled_elbo, self.class_elbo)
         total = self.n_l + self.n_u
         self.w_l, self.w_u = self.n_l / total, self.n_u / total
         self._perm = torch.zeros(0, dtype=torch.long)
@@ -315,6 +321,15 @@ class M2Kind(ModelKind):
         self.labelled_batches.load(state["labelled_batches"])
 
     # -- objective ---------------------------------------------------------------------------
+    @property
+    def fast(self) -> bool:
+        """Use the fast path where it applies (:mod:`ppl_vae.inference.m2_fastpath`)."""
+        return self.terms.fast
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        self.terms.fast = bool(value)
+
     def loss(
         self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, b_l: int, b_u: int
     ) -> torch.Tensor:
@@ -322,24 +337,20 @@ class M2Kind(ModelKind):
 
         Dynamic binarisation happens here, labelled points first.
         """
-        model = self.model
+        terms = self.terms
         n_l = len(y_l)
         zero = x_l.new_zeros(())
         loss_l = loss_c = loss_u = zero
         if n_l:
             if self.dynamic:
                 x_l = torch.bernoulli(x_l)
-            loss_l = self.labelled_elbo.differentiable_loss(model.model, model.guide, x_l, y_l)
-            loss_l = loss_l / b_l
-            loss_c = self.class_elbo.differentiable_loss(
-                model.classifier_model, model.classifier_guide, x_l, y_l, 1.0 / b_l
-            )
+            loss_l = terms.labelled(x_l, y_l) / b_l
+            loss_c = terms.classification(x_l, y_l, 1.0 / b_l)
         loss = self.w_l * loss_l + self.cfg.alpha * loss_c
         if len(x_u):
             if self.dynamic:
                 x_u = torch.bernoulli(x_u)
-            loss_u = self.unlabelled_elbo.differentiable_loss(model.model, model.guide, x_u)
-            loss_u = loss_u / b_u
+            loss_u = terms.unlabelled(x_u) / b_u
             loss = loss + self.w_u * loss_u
         self.parts = torch.stack([loss_l.detach(), loss_u.detach(), loss_c.detach()])
         return loss

@@ -1,0 +1,531 @@
+r"""M2's three step-loss terms, with a fast path for the engine's :class:`~ppl_vae.ssl.SSVAE`.
+
+:class:`M2Loss` computes what :meth:`ppl_vae.kinds.m2.M2Kind.loss` asks of Pyro:
+
+- ``labelled(x, y)`` = ``labelled_elbo.differentiable_loss(model.model, model.guide, x, y)``,
+- ``classification(x, y, s)`` = ``class_elbo.differentiable_loss(model.classifier_model,
+  model.classifier_guide, x, y, s)``,
+- ``unlabelled(x)`` = ``unlabelled_elbo.differentiable_loss(model.model, model.guide, x)``.
+
+Where the estimator is :class:`~pyro.infer.Trace_ELBO` (labelled and classification terms, the
+unlabelled term of a reparameterised label guide such as ``relaxed``) or
+:class:`~pyro.infer.TraceEnum_ELBO` (the unlabelled term of the ``enumerate`` guide), with one
+particle, each term is computed directly from the modules, without Pyro's tracing:
+
+.. math::
+    -\mathcal{U}(x) = -\sum_{n}\sum_{k=1}^{K} q_\phi(k \mid x_n)\big[\log p(k) + \log p(z_{nk})
+    + \log p(x_n \mid z_{nk}, k) - \log q_\phi(k \mid x_n) - \log q(z_{nk} \mid x_n, k)\big],
+    \quad z_{nk} = \texttt{q\_z}(x_n, e_k)\texttt{.rsample()}
+
+for the enumerated term (one z per class and point, batch ``(K, N)``, as ``TraceEnum_ELBO``
+draws them), and for the ``Trace_ELBO`` terms the sum of the model's log-densities minus the
+guide's at the guide's draws (:math:`\log p(y) + \log p(z) + \log p(x \mid z, y) - \log q(z
+\mid x, y)` labelled; the same plus :math:`-\log q(y \mid x)` at a relaxed draw of y unlabelled;
+:math:`s \sum_n \log q_\phi(y_n \mid x_n)` for the classification term).
+
+**Equivalence: value and gradients bitwise Pyro's.** The fast path calls the modules' own
+methods (``label_guide.guide_dist``, ``label_guide.prior``, ``label_guide.dist``,
+``model.q_z``, ``model.p_z``, ``prior.embed``, the decoder, the likelihood), expands every
+distribution over the data plate as Pyro's plate does, and draws the same random numbers in the
+same order (the guide's, then the model's). It re-implements only what the engine's
+``SSVAE.model``, ``SSVAE.guide``, ``SSVAE.classifier_model``, ``SSVAE.one_hot`` and
+``LabelGuide.sample`` do, which must therefore be the engine's own (not redefined by a
+subclass or an instance). The arithmetic is Pyro's, operation for operation:
+
+- ``Trace_ELBO`` terms (labelled, classification, relaxed unlabelled): each site's log-density
+  summed over the batch as ``Trace`` sums it, the sums added in float64 in site order and
+  rounded to float32 once for the value (Pyro's ``torch_item`` arithmetic, here on the device),
+  and the float32 surrogate for the gradient.
+- ``TraceEnum_ELBO`` (enumerated unlabelled term): ``Dice`` weighs each cost by the marginal
+  :math:`q(k \mid x_n)` of its sum-product contraction, which for this model is
+  :math:`\exp \log q(k \mid x_n)` exactly (a log-space einsum with nothing to sum out adds
+  zeros), and adds one ``tensordot`` per site in site order (model ``y``, ``z``, ``x``, then
+  guide ``y``, ``z``) on Pyro's packed layout: ``(N, K)`` views of the ``(K, N)``
+  log-densities, whose memory order the reduction's rounding depends on. Where some
+  :math:`q(k \mid x_n)` underflows to 0, ``Dice`` drops those terms (``masked_select``, a host
+  synchronisation) and the fast path adds them as exact zeros: the gradients stay bitwise
+  equal, the value equal up to float rounding.
+
+The only departure: the engine's Bernoulli likelihood scores a point as
+``-binary_cross_entropy_with_logits(...).sum()`` rather than ``(-binary_cross_entropy(...)).sum()``
+(the sign after the sum over the pixels, one pass over the ``(K, N, D)`` tensor fewer forward
+and backward), and negation commutes with rounding. ``tests/test_m2_fastpath.py`` checks
+``torch.equal`` of values and gradients for both label guides, every prior M2 takes and every
+likelihood. The fast path makes no host-device synchronisation; Pyro's path makes one per site
+(``torch_item``) plus its validation checks (argument and support checks, ``Dice``'s positivity
+check of the marginals).
+
+**When it is used.** Each term decides on its own. Its first call runs the Pyro ELBO itself,
+with Pyro's validation and warnings, on traced copies of the programs; the term's fast path is
+switched on only if the traces show exactly the engine's structure: guide sites ``z`` (labelled)
+or ``y``, ``z`` (unlabelled); model sites ``y``, ``z``, ``x`` (``y_class`` for the
+classification term) with ``x`` observing the data passed in and ``y`` observed where labelled
+(``y_class`` observing the labels passed in); only the
+``data`` plate; no masks; every site unscaled except ``y_class`` (scaled by ``s`` exactly as
+Pyro's plate and ``poutine.scale`` compute it); ``y`` enumerated in parallel over ``(K, 1, K)``
+one-hot values for ``TraceEnum_ELBO`` and reparameterised (with Pyro's default ``score_parts``)
+for ``Trace_ELBO``, likewise ``z``. The types of the sites' distributions in that step are
+recorded. Anything else keeps that term on Pyro's path for good: another estimator (meanfield,
+IWAE, ``TraceGraph_ELBO`` and score-function guides, any subclass), more than one particle,
+an SSVAE or label guide redefining the methods above, a prior, decoder or likelihood with
+sample sites of its own. A later step whose distributions are of other types than recorded
+(say, the relaxed label guide in eval mode, which draws exact one-hot labels) goes to Pyro,
+checked before each ``rsample`` (networks already run in that step have drawn their dropout
+masks, so its random numbers are not those of a step that went to Pyro at once).
+Label-conditional priors :math:`p(z \mid y)` are served: ``model.p_z`` receives the same
+one-hot (or enumerated, or relaxed) labels as in Pyro's model.
+
+**Validation.** Fast steps run with Pyro's validation off (``validate=True`` keeps it on). The
+first step of each term was validated; the data splits and the labels are checked before
+training (``prepare_data``, the label checks of :func:`~ppl_vae.ssl.build_ssl_run`); a
+non-finite parameter gives a non-finite loss, which the training loop reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from numbers import Real
+from typing import Any
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.distributions.torch_distribution import (
+    ExpandedDistribution,
+    MaskedDistribution,
+    TorchDistributionMixin,
+)
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites
+
+from ..guides.labels.base import LabelGuide
+from ..models.likelihoods.bernoulli import BernoulliLikelihood
+
+__all__ = ["TERMS", "M2Loss", "served_estimator"]
+
+#: The terms of the step loss, in the order :meth:`~ppl_vae.kinds.m2.M2Kind.loss` computes them.
+TERMS = ("labelled", "classification", "unlabelled")
+
+# The SSVAE methods the fast path re-implements, which must therefore be the engine's own.
+_SSVAE_METHODS = ("model", "guide", "classifier_model", "classifier_guide", "one_hot")
+
+
+def served_estimator(elbo: Any) -> str | None:
+    """``"trace"`` / ``"enum"`` if the fast path can compute ``elbo``'s terms, else ``None``.
+
+    Served: exactly :class:`~pyro.infer.Trace_ELBO` and :class:`~pyro.infer.TraceEnum_ELBO`
+    (no subclass: it may change the estimator), with one particle.
+    """
+    if getattr(elbo, "num_particles", None) != 1:
+        return None
+    return {Trace_ELBO: "trace", TraceEnum_ELBO: "enum"}.get(type(elbo))
+
+
+def _is_engine_pair(model: Any) -> str:
+    """Empty if ``model`` runs the engine's SSVAE programs and label-guide ``sample``, else why."""
+    from ..ssl import SSVAE
+
+    if not isinstance(model, SSVAE):
+        return f"{type(model).__name__} is not an SSVAE"
+    for name in _SSVAE_METHODS:
+        if getattr(type(model), name) is not getattr(SSVAE, name) or name in vars(model):
+            return f"{type(model).__name__} redefines {name}"
+    guide = model.label_guide
+    if not isinstance(guide, LabelGuide):
+        return f"the label guide {type(guide).__name__} is not a LabelGuide"
+    if type(guide).sample is not LabelGuide.sample or "sample" in vars(guide):
+        return f"the label guide {type(guide).__name__} redefines sample"
+    return ""
+
+
+def _plate(d: Any, n: int) -> Any:
+    """``d`` expanded as ``pyro.plate(..., n, dim=-1)`` expands a site's distribution.
+
+    Where the batch shape is already the plate's, ``d`` itself: Pyro's plate expands it to the
+    same shape, a view of the same parameters, which changes no number.
+    """
+    batch = d.batch_shape
+    target = [1 if s == 1 else s for s in batch] or [1]
+    if target[-1] not in (1, n):
+        raise ValueError(f"batch shape {tuple(batch)} does not fit a plate of size {n}")
+    target[-1] = n
+    if len(target) == len(batch) and target[-1] == batch[-1]:
+        return d
+    e = d.expand(target)
+    if e.has_rsample != d.has_rsample:
+        e.has_rsample = d.has_rsample
+    return e
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """A ``(K, N)`` enumerated log-density as Pyro packs it: the plate's dimension first
+    (packed dimensions are ordered by their symbols), size-1 dimensions dropped."""
+    t = t.t()
+    return t[0] if t.shape[0] == 1 else t
+
+
+def _log_prob_points(likelihood: Any, out: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    r""":math:`\log p(x \mid \eta)` per point, the model's ``x`` site as Pyro scores it.
+
+    The engine's Bernoulli (validation off, data of the logits' dtype and trailing shape): the
+    kernel of ``Bernoulli(logits).log_prob``, ``-binary_cross_entropy_with_logits``, with the
+    sign applied after the sum over the pixels instead of before it, which saves a pass over
+    ``(K, N, D)`` forward and backward. Negation commutes with rounding, so value and gradient
+    are bitwise those of the distribution's ``log_prob``, which every other case uses.
+    """
+    if type(likelihood) is BernoulliLikelihood and not is_validation_enabled():
+        (logits,) = likelihood.split(out)
+        if x.dtype == logits.dtype and logits.shape[logits.dim() - x.dim() :] == x.shape:
+            bce = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+            batch = bce.shape[: bce.dim() - likelihood.event_dim]
+            return -bce.reshape(*batch, -1).sum(-1)
+    return _plate(likelihood(out), n).log_prob(x)
+
+
+def _trace_loss(
+    model_sums: tuple[torch.Tensor, ...], guide_sums: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    r"""``Trace_ELBO.differentiable_loss`` of one particle from its per-site log-density sums.
+
+    .. math:: \mathcal{L} = -\Big(\sum_{\text{model}} \log p - \sum_{\text{guide}} \log q\Big)
+
+    Pyro's value: the float32 sums added in float64 in site order (``torch_item`` of each, then
+    Python floats), negated and rounded to float32 once; its gradient: that of the float32
+    surrogate, one per sum and sign. Both are repeated here on the device, without host
+    synchronisation.
+    """
+    surrogate = model_sums[0]
+    for s in model_sums[1:]:
+        surrogate = surrogate + s
+    for s in guide_sums:
+        surrogate = surrogate - s
+    with torch.no_grad():
+        sums = torch.stack((*model_sums, *guide_sums)).double().unbind()
+        value = sums[0]
+        for s in sums[1 : len(model_sums)]:
+            value = value + s
+        for s in sums[len(model_sums) :]:
+            value = value - s
+        value = (-value).to(surrogate.dtype)
+        zero = surrogate.detach()
+    # the value, with the surrogate's gradient: d/d(surrogate) = -1
+    return value + (zero - surrogate)
+
+
+def _family(d: Any) -> type:
+    """The type of ``d``, or of its base for Pyro's wrapper of classes without ``expand``."""
+    return type(d.base_dist) if type(d) is ExpandedDistribution else type(d)
+
+
+def _entropy_term_is_log_prob(d: Any) -> bool:
+    """Pyro's ``score_parts`` of ``d`` is the default one: entropy term = ``log_prob``."""
+    while True:
+        if type(d).score_parts is TorchDistributionMixin.score_parts:
+            return True
+        if isinstance(d, (ExpandedDistribution, MaskedDistribution)):
+            d = d.base_dist
+            continue
+        return False
+
+
+def _sample_sites(trace: poutine.Trace) -> list[dict]:
+    trace = prune_subsample_sites(trace)
+    return [site for site in trace.nodes.values() if site["type"] == "sample"]
+
+
+def _pyro_scale(scale: float, n: int) -> float:
+    """The scale of a site inside ``pyro.plate(..., n)`` (no subsampling) and
+    ``poutine.scale(scale)``.
+
+    ``poutine.scale`` multiplies first (``scale * 1.0``), then the plate by
+    ``size / subsample_size``; the operations are repeated because they are not always exact
+    (0.7 * 3 / 3 == 0.6999999999999998).
+    """
+    return scale * 1.0 * n / n
+
+
+def _check_sites(
+    where: str, sites: list[dict], names: list[str], observed: set[str], scales: dict[str, float]
+) -> str:
+    """Empty if ``sites`` are ``names`` in order, observed as told, in the data plate alone,
+    unmasked, scaled as ``scales`` says (1.0 otherwise)."""
+    found = [s["name"] for s in sites]
+    if found != names:
+        return f"{where} sample sites are {found}, not {names}"
+    for site in sites:
+        name = site["name"]
+        if bool(site["is_observed"]) != (name in observed):
+            state = "observed" if site["is_observed"] else "latent"
+            return f"{where} site {name!r} is {state}"
+        if site["mask"] is not None:
+            return f"{where} site {name!r} is masked"
+        expected = scales.get(name, 1.0)
+        scale = site["scale"]
+        if not (isinstance(scale, Real) and float(scale) == expected):
+            return f"{where} site {name!r} has scale {scale}, expected {expected}"
+        plates = [f.name for f in site["cond_indep_stack"]]
+        if plates != ["data"]:
+            return f"{where} site {name!r} is in plates {plates}, expected ['data']"
+    return ""
+
+
+def _reparameterised(where: str, site: dict) -> str:
+    """Empty if the guide site is drawn by ``rsample`` and scored by its ``log_prob`` alone."""
+    fn = site["fn"]
+    if site["infer"].get("enumerate"):
+        return f"{where} site {site['name']!r} is enumerated"
+    if not fn.has_rsample:
+        return f"{where} site {site['name']!r} ({type(fn).__name__}) has no rsample"
+    if not _entropy_term_is_log_prob(fn):
+        return f"{where} site {site['name']!r} ({type(fn).__name__}) overrides score_parts"
+    return ""
+
+
+class _Fallback(Exception):
+    """A fast step met a distribution of another type than the validated step recorded."""
+
+
+class M2Loss:
+    r"""The labelled, classification and unlabelled terms of M2's step loss, each Pyro's.
+
+    .. math:: -\mathcal{U}(x) = -\textstyle\sum_{n,k} q_\phi(k \mid x_n)\,\big[\log p(x_n, k,
+        z_{nk}) - \log q_\phi(k \mid x_n) - \log q(z_{nk} \mid x_n, k)\big]
+
+    See the module docstring for what is computed, when the fast path is used and how exactly
+    it equals Pyro's ELBOs; otherwise each call is the estimator's ``differentiable_loss``.
+
+    Args:
+        model: the :class:`~ppl_vae.ssl.SSVAE`.
+        labelled_elbo: the estimator of the labelled bound.
+        unlabelled_elbo: the estimator of the unlabelled bound.
+        class_elbo: the estimator of the classification term.
+        validate: keep Pyro's validation on in the fast steps.
+
+    Attributes:
+        fast: use the fast path where it applies (``False``: every call is Pyro's).
+        state: per term, whether its fast path is on (``None`` until its first call decides).
+        reason: per term, why its fast path is off (empty while on or undecided).
+        steps: how many term evaluations took each path, ``{"fast": n, "pyro": m}``.
+
+    Example:
+        >>> trace, enum = make_elbo("trace"), make_elbo("enum")  # doctest: +SKIP
+        >>> loss = M2Loss(model, trace, enum, trace)  # doctest: +SKIP
+        >>> loss.unlabelled(x_u).backward()  # the first call: Pyro's, validated  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        labelled_elbo: Any,
+        unlabelled_elbo: Any,
+        class_elbo: Any,
+        *,
+        validate: bool = False,
+    ) -> None:
+        self.model = model
+        self.elbos = {
+            "labelled": labelled_elbo,
+            "classification": class_elbo,
+            "unlabelled": unlabelled_elbo,
+        }
+        self.validate = validate
+        self.fast = True
+        self.state: dict[str, bool | None] = dict.fromkeys(TERMS)
+        self.reason = dict.fromkeys(TERMS, "")
+        self.steps = {"fast": 0, "pyro": 0}
+        # Per term: the distribution types of its sites in the validated Pyro step.
+        self._types: dict[str, dict[str, type]] = {}
+        pair = _is_engine_pair(model)
+        for term, elbo in self.elbos.items():
+            kind = served_estimator(elbo)
+            why = pair
+            if kind is None:
+                why = f"estimator {type(elbo).__name__} (num_particles={elbo.num_particles})"
+            elif kind == "enum" and term != "unlabelled":
+                why = "TraceEnum_ELBO serves only the unlabelled term"
+            if why:
+                self.state[term], self.reason[term] = False, f"not served: {why}"
+
+    # -- the public terms --------------------------------------------------------------------
+    def labelled(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``labelled_elbo.differentiable_loss(model.model, model.guide, x, y)``."""
+        return self._term("labelled", (x, y), self._labelled)
+
+    def classification(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+        """``class_elbo.differentiable_loss(model.classifier_model, model.classifier_guide,
+        x, y, scale)``."""
+        return self._term("classification", (x, y, scale), self._classification)
+
+    def unlabelled(self, x: torch.Tensor) -> torch.Tensor:
+        """``unlabelled_elbo.differentiable_loss(model.model, model.guide, x)``."""
+        fast = self._enumerated if served_estimator(self.elbos["unlabelled"]) == "enum" else None
+        return self._term("unlabelled", (x,), fast or self._relaxed)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def _programs(self, term: str) -> tuple[Callable, Callable]:
+        m = self.model
+        if term == "classification":
+            return m.classifier_model, m.classifier_guide
+        return m.model, m.guide
+
+    def _pyro(self, term: str, args: tuple) -> torch.Tensor:
+        self.steps["pyro"] += 1
+        return self.elbos[term].differentiable_loss(*self._programs(term), *args)
+
+    def _term(self, term: str, args: tuple, fast: Callable[..., torch.Tensor]) -> torch.Tensor:
+        state = self.state[term]
+        if not self.fast or state is False:
+            return self._pyro(term, args)
+        if state is None:
+            return self._probe(term, args)
+        try:
+            if self.validate:
+                loss = fast(*args)
+            else:
+                with pyro.validation_enabled(False):
+                    loss = fast(*args)
+        except _Fallback:
+            return self._pyro(term, args)
+        self.steps["fast"] += 1
+        return loss
+
+    def _probe(self, term: str, args: tuple) -> torch.Tensor:
+        """Run Pyro's ELBO on traced programs; switch the term's fast path on if they allow."""
+        model, guide = (poutine.trace(p) for p in self._programs(term))
+        self.steps["pyro"] += 1
+        loss = self.elbos[term].differentiable_loss(model, guide, *args)
+        model_sites, guide_sites = _sample_sites(model.trace), _sample_sites(guide.trace)
+        if term == "classification":
+            self.reason[term] = self._check_classification(model_sites, guide_sites, *args)
+        else:
+            self.reason[term] = self._check_elbo(term, model_sites, guide_sites, *args)
+        self.state[term] = not self.reason[term]
+        return loss
+
+    # -- the probe's checks ------------------------------------------------------------------
+    def _check_classification(
+        self, model_sites: list[dict], guide_sites: list[dict], x: torch.Tensor,
+        y: torch.Tensor, scale: float,
+    ) -> str:  # fmt: skip
+        if guide_sites:
+            return f"the classifier's guide has sample sites {[s['name'] for s in guide_sites]}"
+        if not isinstance(scale, Real):
+            return f"the classification scale is a {type(scale).__name__}, not a number"
+        why = _check_sites(
+            "classifier model", model_sites, ["y_class"], {"y_class"},
+            {"y_class": _pyro_scale(float(scale), len(x))},
+        )  # fmt: skip
+        if why:
+            return why
+        if model_sites[0]["value"] is not y:
+            return "site 'y_class' does not observe the labels passed to the loss"
+        self._types["classification"] = {"y_class": _family(model_sites[0]["fn"])}
+        return ""
+
+    def _check_elbo(
+        self, term: str, model_sites: list[dict], guide_sites: list[dict], x: torch.Tensor,
+        y: torch.Tensor | None = None,
+    ) -> str:  # fmt: skip
+        labelled = term == "labelled"
+        why = _check_sites(
+            "guide", guide_sites, ["z"] if labelled else ["y", "z"], set(), {}
+        ) or _check_sites(
+            "model", model_sites, ["y", "z", "x"], {"y", "x"} if labelled else {"x"}, {}
+        )
+        if why:
+            return why
+        sites = {f"q_{s['name']}": s for s in guide_sites}
+        sites.update({f"p_{s['name']}": s for s in model_sites})
+        if sites["p_x"]["value"] is not x:
+            return "site 'x' does not observe the data passed to the loss"
+        why = _reparameterised("guide", sites["q_z"])
+        if not why and not labelled:
+            q_y = sites["q_y"]
+            if served_estimator(self.elbos[term]) == "enum":
+                k = self.model.num_classes
+                if q_y["infer"].get("enumerate") != "parallel":
+                    why = "guide site 'y' is not enumerated in parallel"
+                elif tuple(q_y["value"].shape) != (k, 1, k):
+                    why = f"guide site 'y' enumerates values of shape {tuple(q_y['value'].shape)}"
+            else:
+                why = _reparameterised("guide", q_y)
+        if why:
+            return why
+        # (The model's y and z replay the guide's values, its x is observed: nothing is
+        # enumerated in the model.)
+        self._types[term] = {
+            key: _family(site["fn"]) for key, site in sites.items() if key != "p_x"
+        }
+        return ""
+
+    def _expect(self, term: str, key: str, d: Any, rsample: bool = False) -> Any:
+        """``d`` if it is of the recorded type (and, for a draw, reparameterised), else Pyro."""
+        if _family(d) is not self._types[term][key] or (rsample and not d.has_rsample):
+            raise _Fallback
+        return d
+
+    # -- the fast terms ----------------------------------------------------------------------
+    def _one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``SSVAE.one_hot`` without its range check (the labels were checked before training)."""
+        return F.one_hot(y.long(), self.model.num_classes).to(like.dtype)
+
+    def _classification(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+        d = self._expect(
+            "classification", "y_class", _plate(self.model.label_guide.dist(x), len(x))
+        )
+        log_q = d.log_prob(y)
+        s = _pyro_scale(float(scale), len(x))
+        if s != 1.0:
+            log_q = log_q * s
+        return -log_q.sum()
+
+    def _model_terms(
+        self, term: str, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, n: int
+    ) -> tuple[Any, Any, torch.Tensor]:
+        """The model's p(y), p(z) (plate-expanded, type-checked) and decoder output."""
+        m = self.model
+        p_y = self._expect(term, "p_y", _plate(m.label_guide.prior(m.class_logits), n))
+        p_z = self._expect(term, "p_z", _plate(m.p_z(y), n))
+        return p_y, p_z, m.decoder(m.prior.embed(z), y)
+
+    def _labelled(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m, n = self.model, len(x)
+        y1 = self._one_hot(y, x)
+        q_z = self._expect("labelled", "q_z", _plate(m.q_z(x, y1), n), rsample=True)
+        z = q_z.rsample()
+        p_y, p_z, out = self._model_terms("labelled", x, y1, z, n)
+        log_px = _log_prob_points(m.likelihood, out, x, n)
+        # Pyro's sites in Pyro's order: model y, z, x, then guide z.
+        model = (p_y.log_prob(y1).sum(), p_z.log_prob(z).sum(), log_px.sum())
+        return _trace_loss(model, (q_z.log_prob(z).sum(),))
+
+    def _relaxed(self, x: torch.Tensor) -> torch.Tensor:
+        m, n = self.model, len(x)
+        q_y = self._expect("unlabelled", "q_y", _plate(m.label_guide.guide_dist(x), n), True)
+        y = q_y.rsample()
+        q_z = self._expect("unlabelled", "q_z", _plate(m.q_z(x, y), n), rsample=True)
+        z = q_z.rsample()
+        p_y, p_z, out = self._model_terms("unlabelled", x, y, z, n)
+        log_px = _log_prob_points(m.likelihood, out, x, n)
+        model = (p_y.log_prob(y).sum(), p_z.log_prob(z).sum(), log_px.sum())
+        return _trace_loss(model, (q_y.log_prob(y).sum(), q_z.log_prob(z).sum()))
+
+    def _enumerated(self, x: torch.Tensor) -> torch.Tensor:
+        m, n = self.model, len(x)
+        q_y = self._expect("unlabelled", "q_y", _plate(m.label_guide.guide_dist(x), n))
+        y = q_y.enumerate_support(expand=False)  # (K, 1, K): every class
+        q_z = self._expect("unlabelled", "q_z", _plate(m.q_z(x, y), n), rsample=True)  # (K, N)
+        z = q_z.rsample()
+        p_y, p_z, out = self._model_terms("unlabelled", x, y, z, n)
+        log_px = _log_prob_points(m.likelihood, out, x, n)  # (K, N)
+        log_q = q_y.log_prob(y)
+        # Dice's expectation: the marginal q(k | x_n) (exactly exp log q here) times each cost,
+        # one tensordot per site in Pyro's order, on Pyro's packed layout.
+        prob = _packed(log_q.exp())
+        costs = (p_y.log_prob(y), p_z.log_prob(z), log_px, -log_q, -q_z.log_prob(z))
+        elbo = 0.0
+        for cost in costs:
+            elbo = elbo + torch.tensordot(prob, _packed(cost), dims=prob.dim())
+        return -elbo

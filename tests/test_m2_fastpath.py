@@ -1,0 +1,299 @@
+r"""M2's fast step loss equals Pyro's ELBOs: same value, same gradients, same fall-backs.
+
+For each label guide the fast path serves (``enumerate`` under ``TraceEnum_ELBO``, ``relaxed``
+under ``Trace_ELBO``), every shipped prior M2 takes (all but the VampPrior, which needs an
+encoder of x alone) and every shipped likelihood, each term of
+:class:`~ppl_vae.inference.m2_fastpath.M2Loss` (labelled bound, classification term,
+unlabelled bound) is evaluated twice from the same parameters and the same seed
+(``pyro.set_rng_seed``, so both draw the same :math:`z` and relaxed :math:`y`): once by the fast
+path, once by the estimator's ``differentiable_loss`` on the model/guide pair.
+
+Tolerance: none. **Values and gradients must be bitwise equal** (``torch.equal``): the fast
+path repeats Pyro's operations in Pyro's order, including the float64 addition of the
+``Trace_ELBO`` site sums and ``TraceEnum_ELBO``'s one ``tensordot`` per site on Pyro's packed
+layout (see :mod:`ppl_vae.inference.m2_fastpath`). The exception, tested on its own: marginals
+:math:`q(k \mid x)` that underflow to 0, which Pyro's ``Dice`` leaves out of its sums; there
+the gradients stay bitwise and the value may differ by float rounding.
+
+The classification term's scale is 1/7 on a batch of 5 points: Pyro's plate multiplies and
+divides the site scale by the batch size, which is not exact in floating point for such
+numbers, so the test sees whether the fast path scales exactly as Pyro does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from ppl_vae.components import available
+from ppl_vae.data import load_data
+from ppl_vae.inference.estimators import make_elbo
+from ppl_vae.inference.m2_fastpath import TERMS, M2Loss, served_estimator
+from ppl_vae.kinds.m2 import M2Kind
+from ppl_vae.models.priors.gaussian import GaussianPrior
+from ppl_vae.ssl import SSVAE, SSLConfig, build_ssvae
+
+D, K, LATENT, N = 6, 3, 2, 5
+SCALE = 1.0 / 7
+SEED = 3
+GUIDES = {"enumerate": "enum", "relaxed": "trace"}
+PRIORS = [p for p in available("prior") if p != "vamp"]  # VampPrior: needs q(z|x) without y
+LIKELIHOODS = available("likelihood")
+
+
+def make_model(guide: str, prior: object = "gaussian", likelihood: str = "bernoulli") -> SSVAE:
+    torch.manual_seed(0)
+    model = build_ssvae(
+        (D,), K, prior=prior, likelihood=likelihood, label_guide=guide, latent_dim=LATENT,
+        hidden_dims=(8,), network="mlp", num_levels=17,
+    )  # fmt: skip
+    with torch.no_grad():  # a classifier far from uniform, so that the y terms matter
+        for p in model.label_guide.net.parameters():
+            p.mul_(3.0)
+    return model
+
+
+def make_loss(model: SSVAE, guide: str, **kw) -> M2Loss:
+    elbo = {"max_plate_nesting": 1}
+    return M2Loss(
+        model, make_elbo("trace", 1, **elbo), make_elbo(GUIDES[guide], 1, **elbo),
+        make_elbo("trace", 1, **elbo), **kw,
+    )  # fmt: skip
+
+
+def batch(likelihood: str = "bernoulli") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if likelihood == "bernoulli":
+        x = torch.bernoulli(torch.full((N, D), 0.4), generator=g)
+    else:  # values on the 17-level grid of [0, 1] (discretised logistic), fine for the others
+        x = torch.randint(0, 17, (N, D), generator=g).float() / 16
+    return x, torch.tensor([0, 1, 2, 0, 1])
+
+
+def term_args(term: str, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    return {"labelled": (x, y), "classification": (x, y, SCALE), "unlabelled": (x,)}[term]
+
+
+def grads(model: SSVAE, loss: torch.Tensor) -> list[torch.Tensor | None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(loss, params, allow_unused=True))
+
+
+def fast_and_pyro(loss: M2Loss, term: str, args: tuple, seed: int = SEED):
+    """The term's fast value and gradients, then Pyro's, from the same seed."""
+    model = loss.model
+    pyro.set_rng_seed(seed)
+    fast = getattr(loss, term)(*args)
+    g_fast = grads(model, fast)
+    pyro.set_rng_seed(seed)
+    ref = loss.elbos[term].differentiable_loss(*loss._programs(term), *args)
+    return fast, g_fast, ref, grads(model, ref)
+
+
+def assert_same(fast, g_fast, ref, g_ref) -> None:
+    """Bitwise equal values and gradients (None where Pyro's is None)."""
+    assert fast.dtype == ref.dtype and fast.shape == ref.shape
+    assert torch.equal(fast.detach(), ref.detach()), (float(fast), float(ref))
+    assert len(g_fast) == len(g_ref)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("guide", list(GUIDES))
+@pytest.mark.parametrize("prior", PRIORS)
+def test_every_term_equals_pyro_for_every_prior(guide: str, prior: str) -> None:
+    model = make_model(guide, prior)
+    loss = make_loss(model, guide)
+    x, y = batch()
+    for term in TERMS:
+        args = term_args(term, x, y)
+        getattr(loss, term)(*args)  # the validated Pyro step decides
+        assert loss.state[term] is True, loss.reason[term]
+        before = dict(loss.steps)
+        out = fast_and_pyro(loss, term, args)
+        assert loss.steps["fast"] == before["fast"] + 1
+        assert_same(*out)
+
+
+@pytest.mark.parametrize("guide", list(GUIDES))
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("prior", ["gaussian", "von-mises"])
+def test_every_term_equals_pyro_for_every_likelihood(guide: str, likelihood: str, prior: str):
+    model = make_model(guide, prior, likelihood)
+    loss = make_loss(model, guide)
+    x, y = batch(likelihood)
+    for term in TERMS:
+        args = term_args(term, x, y)
+        getattr(loss, term)(*args)
+        assert loss.state[term] is True, loss.reason[term]
+        out = fast_and_pyro(loss, term, args)
+        assert_same(*out)
+
+
+@pytest.mark.parametrize("guide", list(GUIDES))
+def test_one_point_and_validation_kept_on(guide: str) -> None:
+    """A batch of one point (Pyro's packing drops the plate's dimension) and ``validate=True``."""
+    model = make_model(guide)
+    x, _ = batch()
+    for validate in (False, True):
+        loss = make_loss(model, guide, validate=validate)
+        loss.unlabelled(x[:1])
+        assert loss.state["unlabelled"] is True
+        out = fast_and_pyro(loss, "unlabelled", (x[:1],))
+        assert_same(*out)
+
+
+def test_marginals_that_underflow_to_zero() -> None:
+    """Logits 100x larger: some q(k|x) are exactly 0 in float32, which Dice masks out."""
+    model = make_model("enumerate")
+    with torch.no_grad():
+        for p in model.label_guide.net.parameters():
+            p.mul_(100.0)
+    x, _ = batch()
+    assert bool((model.label_guide(x).softmax(-1) == 0).any())
+    loss = make_loss(model, "enumerate")
+    loss.unlabelled(x)
+    fast, g_fast, ref, g_ref = fast_and_pyro(loss, "unlabelled", (x,))
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=0)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("guide", list(GUIDES))
+def test_the_kind_step_equals_pyro_and_uses_the_fast_path(guide: str) -> None:
+    r""":meth:`M2Kind.loss` (the trainer's step loss) with the fast path and without it."""
+    kind = _kind(guide)
+    x_l, y_l, x_u = kind.x_l[:4], kind.y_l[:4], kind.x_u[:8]
+    pyro.set_rng_seed(0)
+    kind.loss(x_l, y_l, x_u, 8, 16)  # the probe
+    assert kind.terms.state == dict.fromkeys(TERMS, True), kind.terms.reason
+    values = []
+    for fast in (True, False):
+        kind.fast = fast
+        pyro.set_rng_seed(SEED)
+        loss = kind.loss(x_l, y_l, x_u, 8, 16)
+        values.append((loss, grads(kind.model, loss), kind.parts))
+    (a, ga, pa), (b, gb, pb) = values
+    assert torch.equal(a.detach(), b.detach()) and torch.equal(pa, pb)
+    for u, v in zip(ga, gb, strict=True):
+        assert (u is None and v is None) or torch.equal(u, v)
+    assert kind.terms.steps == {"fast": 3, "pyro": 6}
+
+
+def _kind(guide: str, **cfg) -> M2Kind:
+    model = make_model(guide)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2, size=(40, D)).astype(np.float32)
+    ds = load_data(x, labels=np.arange(40) % K, val_fraction=0.0, test_fraction=0.2, seed=0)
+    config = SSLConfig(labels=6, label_guide=guide, num_classes=K, likelihood="bernoulli",
+                       latent_dim=LATENT, hidden_dims=[8], device="cpu", **cfg)  # fmt: skip
+    splits = (ds.train_x, ds.val_x, ds.test_x)
+    n = len(ds.train_x)
+    return M2Kind(model, config, ds, splits, np.arange(6), np.arange(6, n), False,
+                  torch.device("cpu"))  # fmt: skip
+
+
+# -- fall-backs --------------------------------------------------------------------------------
+def test_served_estimators() -> None:
+    assert served_estimator(make_elbo("trace", 1)) == "trace"
+    assert served_estimator(make_elbo("enum", 1, max_plate_nesting=1)) == "enum"
+    assert served_estimator(make_elbo("trace", 2)) is None  # more than one particle
+    for name in ("meanfield", "iwae:3", "tracegraph", "stl", "renyi"):
+        assert served_estimator(make_elbo(name, 1)) is None, name
+
+
+@pytest.mark.parametrize(
+    ("guide", "estimator", "num_particles", "pyro_terms"),
+    [
+        ("relaxed", "iwae:3", 1, {"labelled", "unlabelled"}),  # both bounds take the estimator
+        ("relaxed", "stl", 1, {"labelled", "unlabelled"}),
+        ("relaxed", None, 2, {"labelled", "unlabelled"}),  # two particles
+        ("sample", None, 1, {"labelled", "unlabelled"}),  # score-function guide: TraceGraph
+    ],
+)
+def test_other_estimators_keep_pyro(guide, estimator, num_particles, pyro_terms) -> None:
+    kind = _kind(guide, estimator=estimator, num_particles=num_particles)
+    terms = kind.terms
+    for term in TERMS:
+        if term in pyro_terms:
+            assert terms.state[term] is False and "not served" in terms.reason[term]
+        else:  # the classification term is always Trace_ELBO with one particle
+            assert terms.state[term] is None
+    x_l, y_l, x_u = kind.x_l[:4], kind.y_l[:4], kind.x_u[:8]
+    for _ in range(2):
+        kind.loss(x_l, y_l, x_u, 4, 8)
+    assert terms.steps == {"fast": 1, "pyro": 2 * len(pyro_terms) + 1}
+
+
+class _OwnModel(SSVAE):
+    def model(self, x, y=None):  # the same program, redefined
+        return super().model(x, y)
+
+
+def test_a_subclass_redefining_the_programs_keeps_pyro() -> None:
+    model = make_model("enumerate")
+    model.__class__ = _OwnModel
+    loss = make_loss(model, "enumerate")
+    assert set(loss.state.values()) == {False}
+    assert "redefines model" in loss.reason["unlabelled"]
+    model = make_model("enumerate")
+    model.guide = model.guide  # an instance attribute shadows the method
+    assert make_loss(model, "enumerate").state["labelled"] is False
+
+
+class _HyperPrior(GaussianPrior):
+    """A Gaussian prior whose scale has a prior of its own: a sample site inside ``forward``."""
+
+    def forward(self) -> dist.Distribution:
+        # (called inside the model's data plate: one tau per point)
+        tau = pyro.sample("tau", dist.LogNormal(self.loc.new_zeros(()), 0.1)).unsqueeze(-1)
+        return dist.Normal(self.loc, self.scale * tau).to_event(1)
+
+
+@pytest.mark.filterwarnings("ignore:Found vars in model but not guide:UserWarning")
+@pytest.mark.parametrize("guide", list(GUIDES))
+def test_a_prior_with_sample_sites_of_its_own_keeps_pyro(guide: str) -> None:
+    model = make_model(guide, _HyperPrior)
+    loss = make_loss(model, guide)
+    x, y = batch()
+    for term in ("labelled", "unlabelled"):
+        for _ in range(2):
+            getattr(loss, term)(*term_args(term, x, y))
+        assert loss.state[term] is False
+        assert "model sample sites are ['y', 'tau', 'z', 'x']" in loss.reason[term]
+    assert loss.steps == {"fast": 0, "pyro": 4}
+
+
+def test_a_distribution_of_another_type_sends_the_step_to_pyro() -> None:
+    """After the probe, the relaxed guide in eval mode gives exact one-hot samples
+    (``OneHotCategorical``, not the recorded ``GumbelSoftmaxCategorical``): Pyro's step."""
+    model = make_model("relaxed")
+    loss = make_loss(model, "relaxed")
+    x, _ = batch()
+    loss.unlabelled(x)
+    assert loss.state["unlabelled"] is True
+    model.label_guide.eval()
+    pyro.set_rng_seed(SEED)
+    value = loss.unlabelled(x)
+    assert loss.steps == {"fast": 0, "pyro": 2}
+    pyro.set_rng_seed(SEED)
+    ref = loss.elbos["unlabelled"].differentiable_loss(model.model, model.guide, x)
+    assert torch.equal(value, ref)
+    model.label_guide.train()
+    loss.unlabelled(x)
+    assert loss.steps == {"fast": 1, "pyro": 2}
+
+
+def test_switched_off_every_term_is_pyros() -> None:
+    kind = _kind("enumerate")
+    kind.fast = False
+    x_l, y_l, x_u = kind.x_l[:4], kind.y_l[:4], kind.x_u[:8]
+    for _ in range(2):
+        kind.loss(x_l, y_l, x_u, 4, 8)
+    assert kind.terms.steps == {"fast": 0, "pyro": 6}
+    assert kind.terms.state == dict.fromkeys(TERMS)  # nothing probed
