@@ -135,6 +135,16 @@ def _single_subclass(module: ModuleType, base: type, where: str) -> type:
     return found[0]
 
 
+def _import_target(target: str, where: str) -> ModuleType:
+    """The module of a ``target:Name`` spec: a file path (its code runs) or a module name."""
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        return _import_file(Path(target))
+    try:
+        return importlib.import_module(target)
+    except (ImportError, ValueError, TypeError) as e:
+        raise ConfigError(f"cannot import module {target!r} for {where}: {e}") from None
+
+
 def resolve(spec: str | type, kind: str) -> type:
     """Return the component class named by ``spec`` (a name, ``file.py:Class`` or ``mod:Class``)."""
     k = KINDS[kind]
@@ -150,15 +160,7 @@ def resolve(spec: str | type, kind: str) -> type:
                 f"{kind} {spec!r} must name a module or file and a class, as 'package.module:Class' "
                 "or 'path/to/file.py:Class'"
             )
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            module = _import_file(Path(target))
-        else:
-            try:
-                module = importlib.import_module(target)
-            except (ImportError, ValueError, TypeError) as e:
-                raise ConfigError(
-                    f"cannot import module {target!r} for {kind} {spec!r}: {e}"
-                ) from None
+        module = _import_target(target, f"{kind} {spec!r}")
         if not hasattr(module, cls_name):
             raise ConfigError(f"{target!r} has no class {cls_name!r} (for {kind} {spec!r})")
         cls = getattr(module, cls_name)
@@ -187,13 +189,7 @@ def resolve_function(spec: str, what: str) -> Any:
             f"{what} {spec!r} must name a module or file and a function, as "
             "'package.module:function' or 'path/to/file.py:function'"
         )
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        module = _import_file(Path(target))
-    else:
-        try:
-            module = importlib.import_module(target)
-        except (ImportError, ValueError, TypeError) as e:
-            raise ConfigError(f"cannot import module {target!r} for {what} {spec!r}: {e}") from None
+    module = _import_target(target, f"{what} {spec!r}")
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ConfigError(f"{target!r} has no function {name!r} (for {what} {spec!r})")

@@ -284,6 +284,12 @@ class HierarchyBase(RecordsOptions, PyroModule):
             activation=activation,
         )
 
+    def layer_family(self, layer: int) -> VariationalFamily:
+        """q's family at ``layer``: the prior's own at the top, a diagonal Gaussian below."""
+        if layer == self.num_layers:
+            return self.prior.guide_family()
+        return GaussianFamily(self.min_scale)
+
     def attach_prior(self, top_encoder: nn.Module | None, why_none: str = "") -> None:
         r"""Hand the prior the network of :math:`q(z_L \mid x)` (``prior.attach``, for a prior
         built from the encoder such as the VampPrior), then check it.

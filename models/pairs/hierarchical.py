@@ -16,10 +16,9 @@ from pyro.nn import pyro_method
 from torch import nn
 
 from ...guides.encoders.mlp import MLPEncoder
-from ..distributions.family import VariationalFamily
 from ..likelihoods.base import Likelihood
 from ..priors.base import Prior
-from ._layers import GaussianFamily, HierarchyBase, StochasticLayer, site_name
+from ._layers import HierarchyBase, StochasticLayer, site_name
 
 
 class HierarchicalVAE(HierarchyBase):
@@ -84,11 +83,7 @@ class HierarchicalVAE(HierarchyBase):
             activation,
             min_scale,
         )
-        top = self.num_layers
-
-        def family(layer: int) -> VariationalFamily:
-            return prior.guide_family() if layer == top else GaussianFamily(self.min_scale)
-
+        top, family = self.num_layers, self.layer_family
         # q(z_1 | x): the built-in VAE's encoder (build_networks' constructor arguments)
         self.encoder = MLPEncoder(
             data_shape=self.data_shape,

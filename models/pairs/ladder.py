@@ -19,12 +19,10 @@ from pyro.nn import pyro_method
 from torch import nn
 
 from ...guides.encoders.mlp import MLPEncoder
-from ..distributions.family import VariationalFamily
 from ..likelihoods.base import Likelihood
 from ..priors.base import Prior
 from ._layers import (
     BottomUpPass,
-    GaussianFamily,
     HierarchyBase,
     StochasticLayer,
     precision_weighted,
@@ -92,11 +90,7 @@ class LadderVAE(HierarchyBase):
             activation,
             min_scale,
         )
-        top = self.num_layers
-
-        def family(layer: int) -> VariationalFamily:
-            return prior.guide_family() if layer == top else GaussianFamily(self.min_scale)
-
+        top, family = self.num_layers, self.layer_family
         # d_1 and the estimates of layer 1: the built-in VAE's encoder (build_networks' arguments)
         encoder = MLPEncoder(
             data_shape=self.data_shape,
