@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -43,11 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Start-up imports torch and Pyro: SIGINT there is an interruption like any other. It is
+    # held until the imports finish (a KeyboardInterrupt inside a C extension's import can
+    # surface as an ImportError), then answered.
+    interrupted: list[bool] = []
     try:
-        # Start-up imports the commands' modules: SIGINT here is an interruption like any other.
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    except ValueError:  # not the main thread: leave the handler alone
+        previous = None
+    try:
         parser = build_parser()
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
+        interrupted.append(True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
         print("ppl-vae: interrupted", file=sys.stderr)
         return 130
     from ..train import TrainingError
