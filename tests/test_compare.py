@@ -322,6 +322,32 @@ def test_compare_isolated_measures_memory(tmp_path: Path) -> None:
     assert again.rows[0]["snr_encoder_e2"] == res.rows[-1]["snr_encoder_e2"]
 
 
+def test_fast_path_column_names_the_implementation_each_row_was_timed_with(tmp_path: Path) -> None:
+    """`trace` trains on the fused fast path, `tracegraph` (bit-identical here) on Pyro's ELBO.
+
+    Their s/epoch differ by implementation, so compare.csv and compare.md say which ran: every
+    `trace` step after the first (validated Pyro) one is a fast step, and `tracegraph` has none.
+    """
+    out = tmp_path / "cmp"
+    small = dict(SMALL, grad_points=[2], khat_points=0, posterior_points=0)
+    res = compare_estimators(["trace", "tracegraph"], [0], out=out, isolate=False, **small, **TINY)
+    rows = {r["estimator"]: r for r in _read_csv(out / "compare.csv")}
+    assert (rows["trace"]["fast_path"], rows["tracegraph"]["fast_path"]) == ("yes", "no")
+    records = {r.estimator: r for r in res.runs}
+    # trace: one validated Pyro step, then the fast path for every other step of both epochs
+    assert records["trace"].pyro_steps == 1
+    assert int(rows["trace"]["fast_path_steps"]) == records["trace"].fast_path_steps >= 3
+    assert int(rows["tracegraph"]["fast_path_steps"]) == records["tracegraph"].fast_path_steps == 0
+    md = (out / "compare.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| estimator"))
+    assert header.rstrip(" |").endswith("fast path")
+    assert next(line for line in md.splitlines() if line.startswith("| `trace`")).endswith(" yes |")
+    assert next(line for line in md.splitlines() if line.startswith("| `tracegraph`")).endswith(
+        " no |"
+    )
+    assert "Fast path: `yes`" in md
+
+
 def test_build_like_fit_reproduces_fit_initial_weights(monkeypatch) -> None:
     cfg = FitConfig(**{**TINY, "epochs": 1}, seed=4)
     data = _load_dataset(cfg, 0)

@@ -2,7 +2,12 @@ r"""Comparing ELBO estimators on one model, one data split, one set of seeds.
 
 :func:`compare_estimators` trains the same VAE once per (estimator, seed) and measures, for each:
 
-- the training curve (per-epoch validation ELBO and wall time) and seconds per epoch;
+- the training curve (per-epoch validation ELBO and wall time) and seconds per epoch, with
+  which implementation computed the training steps (``fast_path``): ``fit`` trains ``trace``
+  and ``meanfield`` on the fused fast path (:mod:`ppl_vae.inference.fastpath`: Pyro's loss and
+  gradients without Pyro's tracing) and every other estimator with Pyro's ELBO, so seconds per
+  epoch compare implementations as well as estimators (``tracegraph`` equals ``trace`` bit for
+  bit on a reparameterised model and is slower only for running on Pyro);
 - the test ELBO and the importance-sampled test log-likelihood (K from the config,
   ``log_likelihood_samples``, 1000 by default);
 - the **gradient variance and signal-to-noise ratio** (Rainforth et al. 2018) of the encoder's
@@ -97,7 +102,9 @@ from ..train import (
     prepare_data,
     resolve_device,
 )
+from ..training.callbacks import Callback
 from ..training.optim import make_adam
+from ..training.trainer import Trainer
 from ..vae import VAE
 
 __all__ = [
@@ -484,6 +491,9 @@ class RunRecord:
     khat: np.ndarray | None = None  # (khat_points,), filled in by the parent
     label_guide: str | None = None  # M2: the row's label guide
     init_from_reference: bool | None = None  # M2: shared weights set to the first row's
+    #: Training steps computed by the fused fast path and by Pyro's ELBO (None: not counted).
+    fast_path_steps: int | None = None
+    pyro_steps: int | None = None
 
     @property
     def label(self) -> str:
@@ -491,6 +501,26 @@ class RunRecord:
         if self.label_guide is None:
             return self.estimator
         return f"{self.estimator} @ {self.label_guide}"
+
+
+class _StepPathCounter(Callback):
+    """After training: how many steps the kind's loss computed on the fast path and on Pyro.
+
+    ``fit``'s VAE kind trains with :func:`~ppl_vae.inference.fastpath.build_loss`'s loss: a
+    :class:`~ppl_vae.inference.fastpath.FastELBOLoss` (``trace``, ``meanfield``) counts its
+    steps per path; any other loss is Pyro's ELBO throughout (no fast steps).
+    """
+
+    def __init__(self) -> None:
+        self.fast: int | None = None
+        self.pyro: int | None = None
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        steps = getattr(getattr(trainer.kind, "_loss", None), "steps", None)
+        if isinstance(steps, dict):
+            self.fast, self.pyro = int(steps["fast"]), int(steps["pyro"])
+        else:
+            self.fast, self.pyro = 0, None
 
 
 def _run_one(job: RunJob) -> RunRecord:
@@ -531,6 +561,7 @@ def _run_one(job: RunJob) -> RunRecord:
     probe = _GradientProbe(
         elbo, batch, job.grad_points, job.grad_repeats, cfg.seed, on_call=read_memory
     )
+    counter = _StepPathCounter()
     try:
         result = fit(
             cfg,
@@ -539,10 +570,12 @@ def _run_one(job: RunJob) -> RunRecord:
             dataset=dataset,
             figures=job.fit_figures,
             on_epoch_end=probe,
+            callbacks=[counter],
         )
     except TrainingError as e:
         record.status = f"diverged: {e}"
         return record
+    record.fast_path_steps, record.pyro_steps = counter.fast, counter.pyro
     record.history = [dict(h) for h in result.history]
     record.metrics = {
         k: v for k, v in result.metrics.items() if isinstance(v, int | float | str | bool)
@@ -1073,6 +1106,9 @@ def _row(r: RunRecord, meta: dict[str, Any]) -> dict[str, Any]:
     secs = [h["seconds"] for h in r.history]
     row["seconds_per_epoch"] = float(np.mean(secs)) if secs else nan
     row["train_seconds"] = float(np.sum(secs)) if secs else nan
+    if not m2:
+        row["fast_path"] = _fast_path_cell(r.fast_path_steps)
+        row["fast_path_steps"] = r.fast_path_steps if r.fast_path_steps is not None else nan
     for e in meta["grad_points"]:
         g = r.gradients.get(e, {})
         for group in meta["groups"]:
@@ -1098,11 +1134,19 @@ def _row(r: RunRecord, meta: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _fast_path_cell(fast_steps: int | None) -> str:
+    """``yes`` if training steps ran on the fused fast path, ``no`` if all ran Pyro's ELBO."""
+    if fast_steps is None:
+        return "n/a"
+    return "yes" if fast_steps > 0 else "no"
+
+
 _NON_NUMERIC = (
     "estimator",
     "label_guide",
     "seed",
     "status",
+    "fast_path",
     "init_digest",
     "init_from_reference",
     "device",
@@ -1126,6 +1170,9 @@ def _summarise(rows: list[dict[str, Any]], labels: list[str]) -> list[dict[str, 
         if "label_guide" in first:
             s["label_guide"] = first["label_guide"]
         s.update(n=len(mine), runs=len(mine_all))
+        if "fast_path" in first:
+            paths = {r["fast_path"] for r in mine} or {"n/a"}
+            s["fast_path"] = paths.pop() if len(paths) == 1 else "mixed"
         for key in rows[0]:
             if key in _NON_NUMERIC:
                 continue
@@ -1197,12 +1244,15 @@ def _markdown(res: CompareResult) -> str:
             ("k-hat > 0.7 (%)", "khat_frac_above_0.7", ".0f", 100.0),
         ]
     cols.append(("s / epoch", "seconds_per_epoch", ".3g", 1.0))
+    fast_column = any("fast_path" in s for s in res.summary)
     if "rss_train_increase_mb" in meta["memory_columns"]:
         cols.append(("peak RSS, process (MiB)", "rss_peak_train_mb", ".0f", 1.0))
         cols.append(("RSS increase in training (MiB)", "rss_train_increase_mb", ".1f", 1.0))
     if "cuda_peak_allocated_mb" in meta["memory_columns"]:
         cols.append(("CUDA peak alloc. (MiB)", "cuda_peak_allocated_mb", ".1f", 1.0))
     header = ["estimator", *(["label guide"] if m2 else []), "K", "seeds", *[c[0] for c in cols]]
+    if fast_column:
+        header.append("fast path")
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * (2 if m2 else 1) + ["--:"] * (len(header) - 1 - m2)) + "|",
@@ -1214,6 +1264,8 @@ def _markdown(res: CompareResult) -> str:
             cells.append(f"`{s['label_guide']}`")
         cells += ["n/a" if math.isnan(k) else f"{k:.0f}", f"{s['n']}/{s['runs']}"]
         cells += [_pm(s, key, fmt, scale) for _, key, fmt, scale in cols]
+        if fast_column:
+            cells.append(s.get("fast_path", "n/a"))
         lines.append("| " + " | ".join(cells) + " |")
     cfg = meta["config"]
     model = (
@@ -1282,6 +1334,14 @@ def _markdown(res: CompareResult) -> str:
         "Seconds per epoch: training steps plus the per-epoch validation "
         + ("accuracy." if m2 else "ELBO.")
     )
+    if fast_column:
+        notes.append(
+            "Fast path: `yes` where the training steps after the first (validated) one ran the "
+            "fused fast path (ppl_vae/inference/fastpath.py: Pyro's loss and gradients, bit for "
+            "bit, without Pyro's tracing), `no` where every step ran Pyro's ELBO. Seconds per "
+            "epoch of a `yes` row and a `no` row differ by implementation as well as by "
+            "estimator (fast_path_steps in compare.csv counts the fast steps)."
+        )
     if "rss_train_increase_mb" in meta["memory_columns"]:
         notes.append(
             "Memory on CPU: each run in a fresh process; peak RSS is the process's peak resident "
