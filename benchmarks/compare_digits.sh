@@ -12,9 +12,33 @@
 # runs/compare-digits). `python -m ppl_vae.cli.compare` is the same command as `ppl-vae compare`.
 #
 # Usage: benchmarks/compare_digits.sh [extra ppl-vae compare flags, e.g. --device cuda]
+#
+# The interpreter: $PYTHON if set; else `python` (or `python3`) on PATH (the README's
+# `pip install -e .`, in whatever environment is active) if it has torch and pyro; else the
+# repository's .venv/bin/python if there is one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-.venv/bin/python}"
+has_deps() {
+    "$1" -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("torch", "pyro")))' \
+        2>/dev/null
+}
+if [[ -z "${PYTHON:-}" ]]; then
+    for candidate in python python3; do
+        if command -v "$candidate" >/dev/null && has_deps "$candidate"; then
+            PYTHON="$candidate"
+            break
+        fi
+    done
+fi
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then
+        PYTHON=.venv/bin/python
+    else
+        echo "compare_digits.sh: no Python with torch and pyro found: install the package" \
+            "(pip install -e .), activate its environment, or set PYTHON=/path/to/python" >&2
+        exit 1
+    fi
+fi
 OUT="${OUT:-runs/compare-digits}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$PYTHON" -m ppl_vae.cli.compare \
