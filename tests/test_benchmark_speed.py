@@ -91,3 +91,38 @@ def test_paired_ratio_resists_drift_between_rounds(speed):
     assert paired_steps == pytest.approx(0.9, rel=1e-12)
     assert paired_epoch == pytest.approx(1.5, rel=1e-12)
     assert variant.steps_per_second() / hand.steps_per_second() == pytest.approx(0.45, rel=1e-12)
+
+
+def test_primary_ratio_is_to_the_hand_loop_with_fits_optimiser(speed):
+    """The primary columns divide by the hand-written loop built with ``fit()``'s ``make_adam``;
+    the default-Adam loop is a secondary column. Made-up epochs, one per round, exact ratios."""
+    from ppl_vae.training.optim import make_adam
+
+    layer = torch.nn.Linear(3, 2)
+    ours = speed.hand_optimizer(layer, "fit").param_groups[0]
+    fits = make_adam(layer.parameters(), lr=speed.LR).param_groups[0]
+    assert ours["fused"] == fits["fused"] and ours["foreach"] == fits["foreach"]
+    assert not speed.hand_optimizer(layer, "default").param_groups[0]["fused"]
+    with pytest.raises(ValueError, match="'fit' or 'default'"):
+        speed.hand_optimizer(layer, "fast")
+
+    speeds = {  # steps per second
+        speed.REFERENCE: 100.0,
+        speed.DEFAULT_ADAM_REFERENCE: 80.0,
+        "fit:trace": 75.0,
+        "pyro:DataLoader+SVI": 40.0,
+    }
+    runs = {}
+    for name, sps in speeds.items():
+        runs[name] = speed.Runs([speed.Epoch(10 / sps, 10 / sps, 10, round=r) for r in range(3)])
+    lines = speed.speed_table("t", runs, fit_fused=True).splitlines()
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header[3] == f"÷ {speed.REFERENCE}"
+    assert header[6] == f"secondary: ÷ {speed.DEFAULT_ADAM_REFERENCE} (paired)"
+    rows = {
+        cells[0]: cells
+        for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[4:])
+    }
+    assert rows["fit:trace"][1:7] == ["fused", "75.0", "0.75", "0.75", "0.75", "0.94 (0.94)"]
+    assert rows[speed.DEFAULT_ADAM_REFERENCE][1] == "default"
+    assert rows["pyro:DataLoader+SVI"][1] == "default"
