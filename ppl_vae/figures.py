@@ -18,6 +18,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .progress import progress_bar
+
 if TYPE_CHECKING:
     from .ssl import SSLResult
 
@@ -118,15 +120,24 @@ def latent_scatter(path: Path, z: torch.Tensor, labels: torch.Tensor | None) -> 
 
 @torch.no_grad()
 def write_figures(
-    result: Any, test_x: torch.Tensor, n: int = 10, draws: bool = False
+    result: Any, test_x: torch.Tensor, n: int = 10, draws: bool = False, progress: bool = False
 ) -> list[Path]:
-    """All figures of a finished :class:`~ppl_vae.train.FitResult` into ``run_dir/figures``."""
+    """All figures of a finished :class:`~ppl_vae.train.FitResult` into ``run_dir/figures``;
+    ``progress``: a ``"figures"`` bar over them (:func:`~ppl_vae.progress.progress_bar`: on a
+    terminal only, after 2 s; the prior's own figures count as one)."""
+    steps = 6 if test_x.shape[0] >= 2 else 5
+    with progress_bar(progress, steps, "figures", "figure", unit_scale=False) as bar:
+        return _write_figures(result, test_x, n, draws, bar)
+
+
+def _write_figures(result: Any, test_x: torch.Tensor, n: int, draws: bool, bar: Any) -> list[Path]:
     vae, ds = result.vae, result.dataset
     fig_dir = Path(result.run_dir) / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     was_training = vae.training
     vae.eval()
     paths = [elbo_curve(fig_dir / "elbo.png", result.history, result.metrics.get("test_elbo"))]
+    bar.update()
     x = test_x[:n]
 
     def show(z: torch.Tensor) -> torch.Tensor:
@@ -141,6 +152,7 @@ def write_figures(
             ["test data", f"reconstruction ({what})"],
         )
     )
+    bar.update()
     samples = show(vae.prior().sample((4 * n,)))
     imgs = _as_images(samples, ds.image_shape)
     paths.append(
@@ -150,9 +162,11 @@ def write_figures(
             suptitle=f"decoded prior samples ({what})",
         )
     )
+    bar.update()
     z = vae.posterior_mean(test_x[:2000])
     labels = ds.test_y[:2000] if ds.test_y is not None else None
     paths.append(latent_scatter(fig_dir / "latent.png", z, labels))
+    bar.update()
     if test_x.shape[0] >= 2:
         t = torch.linspace(0, 1, n, device=z.device, dtype=z.dtype)
         path_z = vae.prior.interpolate(z[0], z[1], t)
@@ -163,16 +177,18 @@ def write_figures(
                 ["test point 0 -> test point 1"],
             )
         )
+        bar.update()
     paths += [
         Path(p)
         for p in vae.prior.figures(
             vae.codes(test_x[:2000]).cpu(), labels.cpu() if labels is not None else None, fig_dir
         )
     ]
+    bar.update()
     from .latent_figures import vae_view, write_latent_figures
 
     view = vae_view(vae, test_x, ds.image_shape)
-    paths += write_latent_figures(fig_dir, view, result.history).paths
+    paths += write_latent_figures(fig_dir, view, result.history, bar=bar).paths
     vae.train(was_training)
     return paths
 
@@ -251,9 +267,28 @@ def accuracy_figure(
 
 @torch.no_grad()
 def write_ssl_figures(
-    result: SSLResult, test_x: torch.Tensor, pred: torch.Tensor, confusion: np.ndarray, n: int = 6
+    result: SSLResult,
+    test_x: torch.Tensor,
+    pred: torch.Tensor,
+    confusion: np.ndarray,
+    n: int = 6,
+    progress: bool = False,
 ) -> list[Path]:
-    """Confusion matrix, style/content grids and accuracy curves into ``run_dir/figures``."""
+    """Confusion matrix, style/content grids and accuracy curves into ``run_dir/figures``;
+    ``progress``: a ``"figures"`` bar over them (on a terminal only, after 2 s)."""
+    steps = 5 + (result.baseline is not None)
+    with progress_bar(progress, steps, "figures", "figure", unit_scale=False) as bar:
+        return _write_ssl_figures(result, test_x, pred, confusion, n, bar)
+
+
+def _write_ssl_figures(
+    result: SSLResult,
+    test_x: torch.Tensor,
+    pred: torch.Tensor,
+    confusion: np.ndarray,
+    n: int,
+    bar: Any,
+) -> list[Path]:
     from .kinds.m2 import confusion_counts
 
     model, ds = result.model, result.dataset
@@ -267,6 +302,7 @@ def write_ssl_figures(
     paths = [
         confusion_figure(fig_dir / "confusion.png", confusion, names, f"M2 test accuracy {acc:.3f}")
     ]
+    bar.update()
     if result.baseline is not None:
         b_pred = result.baseline.predict(test_x)
         b_conf = confusion_counts(b_pred, ds.test_y, k)
@@ -279,6 +315,7 @@ def write_ssl_figures(
                 f"supervised baseline {b_acc:.3f}",
             )
         )
+        bar.update()
     eye = torch.eye(k, dtype=test_x.dtype, device=test_x.device)
     # Style from test points: z = E[q(z | x, predicted y)], then every class with that z.
     x = test_x[:n]
@@ -299,6 +336,7 @@ def write_ssl_figures(
             ),
         )
     )
+    bar.update()
     # Style from the prior: z ~ p(z) fixed along a row (p(z | y): z ~ p(z | y) per entry), y
     # varies along it.
     codes = model.prior_codes(n).to(eye)  # (K, n, D)
@@ -311,13 +349,16 @@ def write_ssl_figures(
             suptitle=f"{how}; classes {', '.join(names)} along it (means)",
         )
     )
+    bar.update()
     paths.append(accuracy_figure(fig_dir / "accuracy.png", result.history, result.baseline_history))
+    bar.update()
     # Geometry figures of the prior, from codes of test points.
     zs = model.posterior_mean(test_x[:2000], pred[:2000])
     labels = ds.test_y[:2000]
     paths += [Path(p) for p in model.prior.figures(zs.cpu(), labels.cpu(), fig_dir)]
+    bar.update()
     from .latent_figures import m2_view, write_latent_figures
 
     view = m2_view(model, test_x, pred, ds.image_shape)
-    paths += write_latent_figures(fig_dir, view, result.history).paths
+    paths += write_latent_figures(fig_dir, view, result.history, bar=bar).paths
     return paths

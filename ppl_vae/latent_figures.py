@@ -15,6 +15,23 @@ user's pair; a hierarchy gets one of each per layer), geometry-aware where the p
   the test split by :func:`~ppl_vae.training.diagnostics.latent_terms`, with the last history
   row's ``kl_<site>_<d>`` (validation split) beside it.
 
+What a latent dimension's geometry asks of the figures is said by the component, not recognised
+here (none of the hooks is required; von Mises and spike-and-slab define them in
+:mod:`ppl_vae.models.distributions`):
+
+- ``traversal_values(quantiles) -> Tensor`` on a prior module or on p(z) (the distribution, or
+  the elementwise one under ``to_event`` / ``expand``): the values a traversal sweeps for the
+  quantiles ``(Q,)`` (float64), ``(Q, D)`` from a prior, ``(Q, *batch_shape)`` from a
+  distribution; with ``traversal_grid`` (its name, :attr:`TraversalResult.grid`) and
+  ``traversal_description`` (what the values are, in words, for the figure's title). Without it:
+  the elementwise ``icdf`` (``"quantile"``), else quantiles of :data:`QUANTILE_DRAWS` prior
+  draws (``"empirical"``);
+- ``circular = True`` on a distribution: its values are angles (traversal columns in degrees,
+  posterior histograms on circles);
+- ``histogram_parts() -> (location name, location, spread name, spread)`` on q's distribution:
+  what the posterior histograms show (default: ``loc`` and ``scale``, else the mean);
+- ``exact_zeros = True`` on q's distribution: the figures report the share of exact-zero codes.
+
 The numbers are small functions of a distribution or a Pyro pair (:func:`traversal_values`,
 :func:`traversal_codes`, :func:`kl_per_dimension`, :func:`inactive_dims`, :func:`kl_order`), so
 they are checked without comparing images. A :class:`LatentView` says, for one kind, which sites
@@ -37,11 +54,11 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
-from torch.distributions import Independent, TransformedDistribution, VonMises
+from torch.distributions import Independent, TransformedDistribution
 
 from .figures import as_images, new_figure
-from .models.distributions.von_mises import ReparameterizedVonMises
 from .models.errors import ConfigError
+from .progress import progress_bar
 
 __all__ = [
     "INACTIVE_KL",
@@ -64,6 +81,7 @@ __all__ = [
     "read_history",
     "row_titles",
     "traversal_codes",
+    "traversal_description",
     "traversal_grid_kind",
     "traversal_values",
     "vae_view",
@@ -97,38 +115,37 @@ def _unwrap(d: Any) -> Any:
             return d
 
 
-def _is_circular(base: Any) -> bool:
-    return isinstance(base, VonMises | ReparameterizedVonMises)
-
-
-def _has_gate(base: Any) -> bool:
-    """A spike-and-slab family: exact zeros with probability ``1 - gate_probs``."""
-    return all(
-        isinstance(getattr(base, a, None), torch.Tensor) for a in ("gate_probs", "loc", "scale")
-    )
-
-
-def _first(t: torch.Tensor, d: int) -> torch.Tensor:
-    """A parameter of a distribution of batch shape ``()`` or ``(1,)`` (times D), as ``(D,)``."""
-    t = t.detach()
-    return t.expand(*t.shape[:-1], d).reshape(-1, d)[0] if t.dim() else t.expand(d)
+def _is_circular(d: Any) -> bool:
+    """The distribution says its values are angles (``circular = True``)."""
+    return bool(getattr(d, "circular", False))
 
 
 def _is_discrete(fn: Any) -> bool:
     return bool(getattr(getattr(fn, "support", None), "is_discrete", False))
 
 
-def traversal_grid_kind(p: Any) -> str:
-    """How :func:`traversal_values` sweeps p(z): ``"circular"`` (von Mises: angles),
-    ``"spike_and_slab"`` (the mixture's exact quantiles), ``"quantile"`` (the elementwise
-    distribution's ``icdf``) or ``"empirical"`` (quantiles of prior draws)."""
+def _with_hook(p: Any) -> tuple[Any, Any]:
+    """p(z) (a prior module is called) and the object whose ``traversal_values`` applies: the
+    prior module, else p(z), else its elementwise distribution; None where none defines it."""
     if isinstance(p, torch.nn.Module):
+        if callable(getattr(p, "traversal_values", None)):
+            return p(), p
         p = p()
+    for d in (p, _unwrap(p)):
+        if callable(getattr(d, "traversal_values", None)):
+            return p, d
+    return p, None
+
+
+def traversal_grid_kind(p: Any) -> str:
+    """How :func:`traversal_values` sweeps p(z): the ``traversal_grid`` of the prior's or the
+    distribution's ``traversal_values`` hook (``"custom"`` where the hook names none; von Mises:
+    ``"circular"``, spike-and-slab: ``"spike_and_slab"``), else ``"quantile"`` (the elementwise
+    distribution's ``icdf``) or ``"empirical"`` (quantiles of prior draws)."""
+    p, source = _with_hook(p)
+    if source is not None:
+        return str(getattr(source, "traversal_grid", "custom"))
     base = _unwrap(p)
-    if _is_circular(base):
-        return "circular"
-    if _has_gate(base):
-        return "spike_and_slab"
     if base.event_shape != () or isinstance(base, TransformedDistribution):
         return "empirical"  # a joint transform (a flow) has no marginal icdf
     try:
@@ -138,32 +155,45 @@ def traversal_grid_kind(p: Any) -> str:
     return "quantile"
 
 
+def _per_dimension(values: Any, source: Any, n: int, d: int) -> torch.Tensor:
+    """A hook's values ``(Q, ...)`` as ``(Q, D)`` (batch ``(1,)`` or a shared value broadcast)."""
+    v = torch.as_tensor(values)
+    per_row = v[0].numel() if v.dim() else 0
+    if v.dim() == 0 or v.shape[0] != n or (per_row != 1 and per_row % d):
+        raise ConfigError(
+            f"{type(source).__name__}.traversal_values returned shape {tuple(v.shape)} for {n} "
+            f"quantiles; expected ({n}, {d})"
+        )
+    v = v.reshape(n, -1)
+    if v.shape[1] == 1:
+        v = v.expand(n, d)
+    return v.reshape(n, -1, d)[:, 0]
+
+
 @torch.no_grad()
 def traversal_values(
     p: Any, quantiles: Iterable[float] = TRAVERSAL_QUANTILES, num_samples: int = QUANTILE_DRAWS
 ) -> torch.Tensor:
     r"""The values a traversal gives each latent dimension, ``(Q, D)``.
 
-    ``p`` is p(z) with event shape ``(D,)`` and batch shape ``()`` or ``(1,)`` (a prior module is
-    called first). Per :func:`traversal_grid_kind`:
+    ``p`` is p(z) with event shape ``(D,)`` and batch shape ``()`` or ``(1,)``, or a prior
+    module (whose own ``traversal_values`` hook is asked first, then p(z)'s). Per
+    :func:`traversal_grid_kind`:
 
-    - ``circular``: Q equally spaced angles around the circle from the prior's location,
-      :math:`\mathrm{wrap}(\mu_d - \pi + 2\pi j / Q)` in :math:`[-\pi, \pi)`;
+    - a hook's values (von Mises: Q angles around the circle from the location; spike-and-slab:
+      the mixture's exact quantiles, exact zeros included);
     - ``quantile``: :math:`F_d^{-1}(q_j)`;
-    - ``spike_and_slab``: the exact quantiles of :math:`(1-\gamma)\,\delta_0 + \gamma\,
-      \mathcal{N}(\mu, \sigma^2)`, exactly 0 for :math:`q_j` within :math:`[a, a + 1 - \gamma]`,
-      :math:`a = \gamma\,\Phi(-\mu/\sigma)`;
     - ``empirical``: quantiles of ``num_samples`` draws (seeded; the global random streams are
       left as they were).
     """
-    if isinstance(p, torch.nn.Module):
-        p = p()
+    p, source = _with_hook(p)
     d = int(p.event_shape[-1])
-    base = _unwrap(p)
-    kind = traversal_grid_kind(p)
     q = torch.as_tensor(list(quantiles), dtype=torch.float64).flatten()
     if not len(q) or not bool(((q > 0) & (q < 1)).all()):
         raise ConfigError(f"traversal quantiles must lie in (0, 1), got {q.tolist()}")
+    if source is not None:
+        return _per_dimension(source.traversal_values(q.clone()), source, len(q), d)
+    kind = traversal_grid_kind(p)
     if kind == "empirical":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -171,29 +201,24 @@ def traversal_values(
         draws = draws.reshape(num_samples, -1, d)[:, 0]
         out = np.quantile(draws.double().cpu().numpy(), q.numpy(), axis=0)
         return torch.as_tensor(out, dtype=draws.dtype, device=draws.device)
+    base = _unwrap(p)
     ref = base.loc if hasattr(base, "loc") else base.mean
-    dtype, device = ref.dtype, ref.device
-    if kind == "circular":
-        j = torch.arange(len(q), dtype=torch.float64)[:, None]
-        angles = _first(base.loc, d).double().cpu() - math.pi + 2 * math.pi * j / len(q)
-        return (torch.remainder(angles + math.pi, 2 * math.pi) - math.pi).to(device, dtype)
-    if kind == "spike_and_slab":
-        from scipy.stats import norm
-
-        g, mu, sd = (
-            _first(t, d).double().cpu().numpy() for t in (base.gate_probs, base.loc, base.scale)
-        )
-        qq = q.numpy()[:, None]
-        below = g * norm.cdf(-mu / sd)  # the slab's mass below 0
-        lo = mu + sd * norm.ppf(np.clip(qq / g, 0.0, 1.0))
-        hi = mu + sd * norm.ppf(np.clip((qq - (1 - g)) / g, 0.0, 1.0))
-        # the spike's quantiles (boundaries included, to float32 rounding of the parameters)
-        spike = (qq >= below - 1e-6) & (qq <= below + 1 - g + 1e-6)
-        out = np.where(spike, 0.0, np.where(qq < below, lo, hi))
-        return torch.as_tensor(out, dtype=dtype, device=device)
     shape = (len(q), *base.batch_shape)
-    qs = q.to(device, dtype).reshape(-1, *([1] * len(base.batch_shape))).expand(shape)
+    qs = q.to(ref.device, ref.dtype).reshape(-1, *([1] * len(base.batch_shape))).expand(shape)
     return base.icdf(qs).reshape(len(q), -1, d)[:, 0]
+
+
+def traversal_description(p: Any) -> str:
+    """How :func:`traversal_values` chose the values, in words: the hook's
+    ``traversal_description``, else its owner's name; the prior's quantiles; or empirical
+    quantiles of prior draws."""
+    p, source = _with_hook(p)
+    if source is not None:
+        words = getattr(source, "traversal_description", None)
+        return str(words) if words else f"the values of {type(source).__name__}.traversal_values"
+    if traversal_grid_kind(p) == "quantile":
+        return "the prior's quantiles"
+    return f"empirical quantiles of {QUANTILE_DRAWS} prior draws"
 
 
 def traversal_codes(
@@ -201,7 +226,10 @@ def traversal_codes(
 ) -> torch.Tensor:
     """The codes of a traversal, ``(D, Q, D)``: ``codes[d, j]`` is ``z0`` ``(D,)`` with dimension
     ``d`` set to ``traversal_values(p, quantiles)[j, d]``."""
-    values = traversal_values(p, quantiles).to(z0)
+    return _codes(traversal_values(p, quantiles).to(z0), z0)
+
+
+def _codes(values: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
     d, n = z0.shape[-1], values.shape[0]
     codes = z0.reshape(1, 1, d).repeat(d, n, 1)
     idx = torch.arange(d, device=z0.device)
@@ -332,13 +360,15 @@ class SitePosterior:
     """What q(z_s | .) says about each dimension, per test point.
 
     Attributes:
-        mean: ``(N, D)``: the location (von Mises: the circular mean in [-pi, pi);
-            spike-and-slab: the slab's location), or the mean where the family has no location.
+        mean: ``(N, D)``: the location (the distribution's ``histogram_parts``: von Mises the
+            circular mean in [-pi, pi), spike-and-slab the slab's location), or the mean where
+            the family has no location.
         spread: ``(N, D)``: the scale (von Mises: the concentration), or None.
         spread_name: what ``spread`` is.
-        circular: the site lives on circles.
-        zero_share: ``(D,)``: the share of exact-zero codes (eval-mode draws); spike-and-slab
-            families only.
+        circular: the site lives on circles (the distribution's ``circular``).
+        zero_share: ``(D,)``: the share of exact-zero codes (eval-mode draws); families with
+            ``exact_zeros`` (spike-and-slab) only.
+        mean_name: what ``mean`` is.
     """
 
     mean: torch.Tensor
@@ -346,10 +376,11 @@ class SitePosterior:
     spread_name: str
     circular: bool
     zero_share: torch.Tensor | None = None
+    mean_name: str = "location"
 
 
-def _param(base: Any, attr: str, shape: torch.Size) -> torch.Tensor | None:
-    t = getattr(base, attr, None)
+def _param(t: Any, shape: torch.Size) -> torch.Tensor | None:
+    """``t`` broadcast to ``shape``, float64 on the CPU; None if it is no tensor or does not."""
     if not isinstance(t, torch.Tensor):
         return None
     try:
@@ -371,23 +402,26 @@ def posterior_summary(
     out = {}
     for name, node in _vector_sites(trace, x.shape[0]).items():
         value, base = node["value"], _unwrap(node["fn"])
-        loc, scale = _param(base, "loc", value.shape), _param(base, "scale", value.shape)
-        if _is_circular(base) and loc is not None:
-            circ = torch.remainder(loc + math.pi, 2 * math.pi) - math.pi
-            kappa = _param(base, "concentration", value.shape)
-            out[name] = SitePosterior(circ, kappa, "concentration κ", True)
-        elif _has_gate(base) and loc is not None:
-            zeros = (value == 0).double().mean(0).cpu()
-            out[name] = SitePosterior(loc, scale, "slab scale", False, zeros)
-        elif loc is not None and scale is not None:
-            out[name] = SitePosterior(loc, scale, "scale", False)
+        zeros = (value == 0).double().mean(0).cpu() if getattr(base, "exact_zeros", False) else None
+        circular = _is_circular(base)
+        if callable(getattr(base, "histogram_parts", None)):
+            mean_name, loc, spread_name, spread = base.histogram_parts()
+            loc, spread = _param(loc, value.shape), _param(spread, value.shape)
+            if loc is not None:
+                out[name] = SitePosterior(loc, spread, spread_name, circular, zeros, mean_name)
+                continue
+        loc = _param(getattr(base, "loc", None), value.shape)
+        scale = _param(getattr(base, "scale", None), value.shape)
+        if loc is not None and scale is not None:
+            out[name] = SitePosterior(loc, scale, "scale", circular, zeros)
         else:
             try:
                 m = node["fn"].mean
                 ok = m.shape == value.shape and bool(torch.isfinite(m).all())
             except NotImplementedError:
                 ok = False
-            out[name] = SitePosterior((m if ok else value).double().cpu(), None, "", False)
+            mean = (m if ok else value).double().cpu()
+            out[name] = SitePosterior(mean, None, "", circular, zeros)
     return out
 
 
@@ -397,7 +431,8 @@ class Traversable:
     """One latent site to traverse.
 
     Attributes:
-        prior: p(z_s), or p(z_s | the sites held); event shape ``(D,)``, batch ``()`` or ``(1,)``.
+        prior: p(z_s), or p(z_s | the sites held); event shape ``(D,)``, batch ``()`` or ``(1,)``;
+            or a prior module returning it (its hooks are asked first).
         z0: ``(D,)``, the code the other dimensions keep (a test point's posterior mean).
         decode: codes ``(M, D)`` -> the likelihood's mean ``(M, *data_shape)``.
     """
@@ -439,11 +474,11 @@ def _check_point(x: torch.Tensor, point: int) -> None:
 
 @torch.no_grad()
 def vae_view(vae: Any, x: torch.Tensor, image_shape: Any, point: int = 0) -> LatentView:
-    """The built-in VAE: site ``z``, swept across ``vae.prior()``, decoded by
-    ``vae.decode_mean``."""
+    """The built-in VAE: site ``z``, swept across ``vae.prior`` (the module: its own
+    ``traversal_values`` first, then p(z)'s), decoded by ``vae.decode_mean``."""
     _check_point(x, point)
     z0 = vae.posterior_mean(x[point : point + 1])[0]
-    site = Traversable(vae.prior(), z0, vae.decode_mean)
+    site = Traversable(vae.prior, z0, vae.decode_mean)
     held = f"the other dimensions at test point {point}'s posterior mean"
     x = x[:LATENT_POINTS]
     return LatentView(vae, vae.model, vae.guide, x, image_shape, {"z": site}, None, held)
@@ -521,6 +556,8 @@ class TraversalResult:
         rows: the dimensions shown, top to bottom (most informative first).
         titles: their row titles (:func:`row_titles`).
         grid: :func:`traversal_grid_kind` of the prior.
+        circular: the values are angles (the prior's ``circular``).
+        description: how the values were chosen, in words (:func:`traversal_description`).
     """
 
     values: torch.Tensor
@@ -529,6 +566,8 @@ class TraversalResult:
     rows: list[int]
     titles: list[str]
     grid: str
+    circular: bool = False
+    description: str = ""
 
 
 @dataclass
@@ -564,25 +603,33 @@ def traverse(
     quantiles: Iterable[float] = TRAVERSAL_QUANTILES,
 ) -> TraversalResult:
     """Codes, decoded images and rows of one site's traversal (ordered by ``kl.ranking``)."""
-    quantiles = list(quantiles)
-    values = traversal_values(site.prior, quantiles).to(site.z0)
-    codes = traversal_codes(site.prior, site.z0, quantiles)
+    values = traversal_values(site.prior, list(quantiles)).to(site.z0)
+    codes = _codes(values, site.z0)
     d, q = codes.shape[:2]
     images = site.decode(codes.reshape(d * q, d))
     images = images.reshape(d, q, *images.shape[1:])
     ranking = kl.ranking if kl is not None else None
     rows = _shown(ranking, d, MAX_TRAVERSAL_DIMS)
-    grid = traversal_grid_kind(site.prior)
-    return TraversalResult(values, codes, images, rows, row_titles(name, rows, ranking), grid)
+    p, source = _with_hook(site.prior)
+    return TraversalResult(
+        values,
+        codes,
+        images,
+        rows,
+        row_titles(name, rows, ranking),
+        traversal_grid_kind(site.prior),
+        _is_circular(source) or _is_circular(_unwrap(p)),
+        traversal_description(site.prior),
+    )
 
 
-def _columns(grid: str, quantiles: list[float], values: torch.Tensor) -> tuple[list[str], str]:
+def _columns(t: TraversalResult, quantiles: list[float]) -> tuple[list[str], str]:
     """Column labels of a traversal (with the value, where every dimension shares it) and how
     its values were chosen, in words."""
-    v = values.double().cpu()
+    v = t.values.double().cpu()
     shared = bool((v == v[:, :1]).all())
     n = len(quantiles)
-    if grid == "circular":
+    if t.circular:
         if shared:
             return [f"{math.degrees(float(a)):+.0f}°" for a in v[:, 0]], (
                 f"{n} angles around the circle [-π, π)"
@@ -590,16 +637,11 @@ def _columns(grid: str, quantiles: list[float], values: torch.Tensor) -> tuple[l
         return [f"μ{-180 + 360 * j / n:+.0f}°" for j in range(n)], (
             f"{n} angles around the circle, from the prior's location μ"
         )
-    words = {
-        "quantile": "the prior's quantiles",
-        "spike_and_slab": "the spike-and-slab prior's exact quantiles (exactly 0 in the spike)",
-        "empirical": f"empirical quantiles of {QUANTILE_DRAWS} prior draws",
-    }
     cols = [
         f"q={q:g}" + (f"\nz={float(v[j, 0]):.2g}" if shared else "")
         for j, q in enumerate(quantiles)
     ]
-    return cols, words[grid]
+    return cols, t.description
 
 
 def traversal_figure(
@@ -651,11 +693,7 @@ def histogram_figure(
     rows, cols = 1 + (post.spread is not None), len(dims)
     fig = new_figure(figsize=(1.8 * cols + 0.8, 1.9 * rows + 0.9))
     mean = post.mean.numpy()
-    what = "location"
-    if post.circular:
-        what = "circular mean"
-    elif post.zero_share is not None:
-        what = "slab location"
+    what = post.mean_name
     for j, d in enumerate(dims):
         title = titles[j]
         if post.zero_share is not None:
@@ -769,15 +807,22 @@ def write_latent_figures(
     history: list[dict[str, float]] | None = None,
     which: Iterable[str] = LATENT_FIGURES,
     quantiles: Iterable[float] = TRAVERSAL_QUANTILES,
+    progress: bool = False,
+    bar: Any = None,
 ) -> LatentFigures:
     """Write ``traversals_<site>.png``, ``posterior_<site>.png`` and ``kl_per_dimension.png``
     (those in ``which``) into ``fig_dir``, and return them with their numbers.
 
     Traversal rows and histogram panels are ordered by KL per dimension (the test split's, else
     the last ``history`` row's), most informative first; dimensions below :data:`INACTIVE_KL`
-    nats are marked inactive.
+    nats are marked inactive. ``progress``: a ``"figures"`` bar over them
+    (:func:`~ppl_vae.progress.progress_bar`: on a terminal only, after 2 s); ``bar``: an open
+    bar to advance instead (its total is raised by the figures written here).
     """
     which = _check_which(which)
+    if bar is None:
+        with progress_bar(progress, 0, "figures", "figure", unit_scale=False) as own:
+            return write_latent_figures(fig_dir, view, history, which, quantiles, bar=own)
     quantiles = list(quantiles)
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -795,6 +840,12 @@ def write_latent_figures(
             s.history = history_kl(last, name, d) if d is not None else None
             if last and f"kl_{name}" in last:
                 s.history_total = float(last[f"kl_{name}"])
+        bar.total = (bar.total or 0) + (
+            len(view.traversable) * ("traversals" in which)
+            + len(out.posteriors) * ("histograms" in which)
+            + int("kl" in which and bool(out.kl))
+        )
+        bar.refresh()
         if "traversals" in which:
             for name, site in view.traversable.items():
                 t = traverse(name, site, out.kl.get(name), quantiles)
@@ -802,7 +853,7 @@ def write_latent_figures(
                 shown = t.images[t.rows]
                 imgs = as_images(shown.reshape(-1, *shown.shape[2:]), view.image_shape)
                 imgs = imgs.reshape(len(t.rows), shown.shape[1], *imgs.shape[1:])
-                cols, how = _columns(t.grid, quantiles, t.values)
+                cols, how = _columns(t, quantiles)
                 d = t.codes.shape[0]
                 part = "" if len(t.rows) == d else f"; the {len(t.rows)} of {d} with the most KL"
                 suptitle = (
@@ -811,6 +862,7 @@ def write_latent_figures(
                 )
                 path = fig_dir / f"traversals_{name}.png"
                 out.paths.append(traversal_figure(path, imgs, t.titles, cols, suptitle))
+                bar.update()
         if "histograms" in which:
             for name, post in out.posteriors.items():
                 s = out.kl.get(name)
@@ -819,9 +871,11 @@ def write_latent_figures(
                 path = fig_dir / f"posterior_{name}.png"
                 titles = row_titles(name, dims, ranking)
                 out.paths.append(histogram_figure(path, name, post, dims, titles))
+                bar.update()
         if "kl" in which and out.kl:
             zeros = {k: p.zero_share for k, p in out.posteriors.items() if p.zero_share is not None}
             out.paths.append(kl_figure(fig_dir / "kl_per_dimension.png", out.kl, zeros))
+            bar.update()
     finally:
         module.train(was)
     return out
@@ -833,10 +887,12 @@ def plot_run(
     which: Iterable[str] = LATENT_FIGURES,
     point: int = 0,
     device: str = "auto",
+    progress: bool = False,
 ) -> LatentFigures:
     """Reopen a run directory of any kind (:func:`~ppl_vae.runs.reopen.load_run`, the weights
     it evaluated) and write its latent figures into ``out`` (default ``run_dir/figures``),
-    without training; ``point`` is the test point whose posterior mean a traversal holds."""
+    without training; ``point`` is the test point whose posterior mean a traversal holds;
+    ``progress``: a bar over the figures (on a terminal only, after 2 s)."""
     import pyro
 
     from .runs.reopen import load_run
@@ -858,4 +914,5 @@ def plot_run(
                 view = vae_view(run.model, x, shape, point)
             else:
                 view = pair_view(run.model, x, shape, point)
-        return write_latent_figures(fig_dir, view, read_history(run.run_dir), which)
+        history = read_history(run.run_dir)
+        return write_latent_figures(fig_dir, view, history, which, progress=progress)

@@ -372,6 +372,7 @@ def _fit(
         initialize_from_data(vae, train_x)
     make_kind = UserKind if user else VAEKind
     kind = make_kind(vae, elbo, cfg, dataset, (train_x, val_x, test_x), dynamic, device)
+    kind.progress = not quiet  # the test log p(x) and the figures: bars on a terminal
     hooks = list(callbacks or [])
     if on_epoch_end is not None:
         hooks.insert(0, EpochFunction(on_epoch_end))

@@ -15,6 +15,7 @@ import csv
 import math
 
 import numpy as np
+import pyro.distributions as dist
 import pytest
 import torch
 from scipy.special import i0e, i1e
@@ -37,6 +38,7 @@ from ppl_vae.latent_figures import (
     vae_view,
     write_latent_figures,
 )
+from ppl_vae.models.priors import Prior
 from ppl_vae.models.priors.spike_and_slab import SpikeAndSlabPrior
 from ppl_vae.runs.reopen import load_run
 from ppl_vae.training.setup import prepare_data
@@ -162,6 +164,58 @@ def test_spike_and_slab_quantiles_hold_exact_zeros():
     codes = traversal_codes(prior, torch.tensor([0.1, 0.2, 0.3]), q)
     assert codes.shape == (3, 7, 3)
     assert bool((codes[1, :, 0] == 0.1).all()) and bool((codes[1, :, 1] == values[:, 1]).all())
+
+
+class ThreePointPrior(Prior):
+    """A user's prior in one small file: a standard Gaussian whose traversals sweep -1, 0, 1
+    (spread over the columns), whatever the quantiles."""
+
+    traversal_grid = "three points"
+    traversal_description = "-1, 0 and 1"
+
+    def forward(self) -> dist.Distribution:
+        return dist.Normal(torch.zeros(self.latent_dim), 1.0).to_event(1)
+
+    def traversal_values(self, quantiles: torch.Tensor) -> torch.Tensor:
+        steps = torch.tensor([-1.0, 0.0, 1.0])[torch.arange(len(quantiles)) % 3]
+        return steps[:, None].expand(-1, self.latent_dim)
+
+
+class GridNormal(dist.Normal):
+    """A distribution-level hook (what a user's pair samples from): values 10 * q."""
+
+    def traversal_values(self, quantiles: torch.Tensor) -> torch.Tensor:
+        return 10 * quantiles.to(self.loc)[:, None].expand(-1, *self.batch_shape)
+
+
+def test_a_user_prior_chooses_its_traversal_values(tmp_path):
+    """The prior's hook replaces the Gaussian quantiles (norm.ppf) the same prior gets without
+    it, in the values, the codes decoded and the figure; a distribution's hook does the same."""
+    from ppl_vae import build_vae
+
+    q = list(TRAVERSAL_QUANTILES)
+    x = torch.bernoulli(torch.full((12, 16), 0.5))
+    want = torch.tensor([-1.0, 0.0, 1.0] * 3)[:, None].expand(9, 3)
+    with torch.no_grad():
+        vae = build_vae((16,), prior=ThreePointPrior(3), hidden_dims=(8,)).eval()
+        view = vae_view(vae, x, None, point=1)
+        t = traverse("z", view.traversable["z"])
+        torch.testing.assert_close(t.values, want)
+        assert t.grid == "three points" and t.description == "-1, 0 and 1" and not t.circular
+        by_hand = vae.posterior_mean(x[1:2])[0].repeat(9, 1)
+        by_hand[:, 2] = want[:, 2]
+        torch.testing.assert_close(t.codes[2], by_hand)
+        torch.testing.assert_close(t.images[2], vae.decode_mean(by_hand))
+        # without the hook: the Gaussian's quantiles
+        plain = traversal_values(dist.Normal(torch.zeros(3), 1.0).to_event(1), q)
+        np.testing.assert_allclose(plain.numpy()[:, 0], norm.ppf(q), atol=1e-6)
+        # on the distribution, under to_event
+        p = GridNormal(torch.zeros(3), torch.ones(3)).to_event(1)
+        torch.testing.assert_close(
+            traversal_values(p, q), 10 * torch.tensor(q)[:, None].expand(9, 3)
+        )
+        out = write_latent_figures(tmp_path, view, which=["traversals"])
+    assert [f.name for f in out.paths] == ["traversals_z.png"]
 
 
 def test_pair_traversal_follows_the_hierarchy(runs):

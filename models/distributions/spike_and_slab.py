@@ -167,6 +167,14 @@ class _SpikeAndSlabBase(TorchDistribution):
         "scale": constraints.positive,
     }
     support = constraints.real
+    #: Values are exactly 0 with probability :math:`1 - \gamma` (the latent figures report the
+    #: share of exact-zero codes).
+    exact_zeros: ClassVar[bool] = True
+    #: The name of :meth:`traversal_values`' grid in the latent figures.
+    traversal_grid: ClassVar[str] = "spike_and_slab"
+    traversal_description: ClassVar[str] = (
+        "the spike-and-slab prior's exact quantiles (exactly 0 in the spike)"
+    )
 
     def _init_params(
         self,
@@ -217,6 +225,35 @@ class _SpikeAndSlabBase(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         return _mixed_log_density(value, self.gate_logits, self.loc, self.scale)
+
+    # -- what the latent figures show ----------------------------------------------------------
+    def traversal_values(self, quantiles: torch.Tensor) -> torch.Tensor:
+        r"""A latent traversal's values: the exact quantiles ``(Q, *batch_shape)`` of the
+        mixture at ``quantiles`` ``(Q,)``,
+
+        .. math:: F^{-1}(q) = 0 \text{ for } q \in [a, a + 1 - \gamma], \quad
+            a = \gamma\,\Phi(-\mu/\sigma) \text{ (the slab's mass below 0)},
+
+        else the slab's :math:`\mu + \sigma\,\Phi^{-1}(q/\gamma)` below and
+        :math:`\mu + \sigma\,\Phi^{-1}((q - 1 + \gamma)/\gamma)` above (float64; the spike's
+        boundaries widened by 1e-6 for float32 rounding of the parameters). Exact zeros, not
+        small numbers.
+        """
+        g, mu, sd = (
+            t.detach().double()
+            for t in torch.broadcast_tensors(self.gate_probs, self.loc, self.scale)
+        )
+        q = quantiles.to(mu).reshape(-1, *([1] * mu.dim()))
+        below = g * torch.special.ndtr(-mu / sd)
+        lo = mu + sd * torch.special.ndtri((q / g).clamp(0.0, 1.0))
+        hi = mu + sd * torch.special.ndtri(((q - (1 - g)) / g).clamp(0.0, 1.0))
+        spike = (q >= below - 1e-6) & (q <= below + 1 - g + 1e-6)
+        out = torch.where(spike, torch.zeros_like(lo), torch.where(q < below, lo, hi))
+        return out.to(self.loc.dtype)
+
+    def histogram_parts(self) -> tuple[str, torch.Tensor, str, torch.Tensor]:
+        """What the posterior histograms show: the slab's location and scale."""
+        return "slab location", self.loc, "slab scale", self.scale
 
 
 class SpikeAndSlab(_SpikeAndSlabBase):

@@ -326,6 +326,12 @@ class ReparameterizedVonMises(TorchDistribution):
     }
     support = constraints.real
     has_rsample = True
+    #: Values are angles, read modulo :math:`2\pi` (latent figures: traversal columns in
+    #: degrees, posterior histograms on circles).
+    circular: ClassVar[bool] = True
+    #: The name of :meth:`traversal_values`' grid in the latent figures.
+    traversal_grid: ClassVar[str] = "circular"
+    traversal_description: ClassVar[str] = "angles around the circle from the location"
 
     def __init__(
         self,
@@ -395,6 +401,26 @@ class ReparameterizedVonMises(TorchDistribution):
         r"""The circular variance :math:`1 - |E[e^{iz}]| = 1 - I_1(\kappa) / I_0(\kappa)`."""
         k = self.concentration
         return 1.0 - torch.special.i1e(k) / torch.special.i0e(k)
+
+    # -- what the latent figures show ----------------------------------------------------------
+    def traversal_values(self, quantiles: Tensor) -> Tensor:
+        r"""A latent traversal's values: Q equally spaced angles around the circle from the
+        location, whatever the quantiles ``(Q,)`` are,
+
+        .. math:: \mathrm{wrap}(\mu - \pi + 2\pi j / Q) \in [-\pi, \pi), \quad j < Q,
+
+        shape ``(Q, *batch_shape)`` (computed in float64).
+        """
+        loc = self.loc.detach().double()
+        j = torch.arange(quantiles.numel(), dtype=torch.float64, device=loc.device)
+        angles = loc - math.pi + _TWO_PI * j.reshape(-1, *([1] * loc.dim())) / quantiles.numel()
+        return (torch.remainder(angles + math.pi, _TWO_PI) - math.pi).to(self.loc.dtype)
+
+    def histogram_parts(self) -> tuple[str, Tensor, str, Tensor]:
+        r"""What the posterior histograms show: the circular mean in :math:`[-\pi, \pi)`
+        (float64) and the concentration."""
+        loc = torch.remainder(self.loc.double() + math.pi, _TWO_PI) - math.pi
+        return "circular mean", loc, "concentration κ", self.concentration
 
 
 # -- KL ---------------------------------------------------------------------------------------

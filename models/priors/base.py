@@ -18,6 +18,12 @@ only what its geometry needs:
 * :meth:`Prior.embed` / :attr:`Prior.embed_dim` - what the decoder reads (von Mises: cos, sin).
 * :meth:`Prior.interpolate` - a path between two codes (for the interpolation figure).
 * :meth:`Prior.figures` - extra figures suited to the geometry.
+* ``traversal_values(quantiles) -> Tensor`` (optional; not defined here) - the values, ``(Q, D)``
+  for quantiles ``(Q,)``, that the latent traversal figure sweeps each dimension over, with
+  optional ``traversal_grid`` / ``traversal_description`` strings naming them. Without it the
+  figures ask p(z)'s distribution for the same hook (von Mises: angles around the circle;
+  spike-and-slab: exact quantiles with exact zeros), then take its quantiles
+  (:mod:`ppl_vae.latent_figures`).
 * :meth:`Prior.anneal` - a hook the trainer calls with progress in [0, 1].
 """
 

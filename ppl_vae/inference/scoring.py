@@ -43,6 +43,7 @@ from torch.distributions import Independent
 from torch.overrides import TorchFunctionMode
 
 from ..models.errors import ConfigError
+from ..progress import progress_bar
 from .estimators import log_importance_weights
 
 #: Memory one evaluation pass may use (bytes): fixed rather than a share of the free memory, so
@@ -346,7 +347,7 @@ def score(
     with _evaluation_mode(vae):
         plan = plan_chunks(vae, x, num_samples, chunk_size, batch_size, eval_memory)
         elbos, lls = [], []
-        with _progress(progress, x.shape[0] * num_samples, "log p(x)") as bar:
+        with progress_bar(progress, x.shape[0] * num_samples, "log p(x)") as bar:
             for start in range(0, x.shape[0], plan.points):
                 xb = x[start : start + plan.points]
                 run_lse = xb.new_full((xb.shape[0],), -math.inf)
@@ -380,24 +381,8 @@ def _evaluation_mode(module: Any) -> Iterator[None]:
         module.train(was_training)
 
 
-@contextmanager
-def _progress(enabled: bool, total: int, what: str) -> Iterator[Any]:
-    """A tqdm bar on stderr that shows only on a terminal, once the work has taken 2 s."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total,
-        desc=what,
-        unit="sample",
-        unit_scale=True,
-        delay=2.0,
-        leave=False,
-        disable=None if enabled else True,  # None: off when stderr is not a terminal
-    )
-    try:
-        yield bar
-    finally:
-        bar.close()
+#: The progress bar helper, by its former name (:func:`ppl_vae.progress.progress_bar`).
+_progress = progress_bar
 
 
 @dataclass
@@ -445,7 +430,7 @@ def per_point_terms(
     recon_parts: list[torch.Tensor] = []
     kl_parts: dict[str, list[torch.Tensor]] = {}
     analytic: dict[str, bool] = {}
-    with _evaluation_mode(module), _progress(progress, x.shape[0] * num_samples, "terms") as bar:
+    with _evaluation_mode(module), progress_bar(progress, x.shape[0] * num_samples, "terms") as bar:
         for start in range(0, x.shape[0], plan.points):
             xb = x[start : start + plan.points]
             recon, kls = xb.new_zeros(xb.shape[0]), {}

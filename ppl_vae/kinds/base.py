@@ -70,6 +70,9 @@ class ModelKind:
     part_names: ClassVar[tuple[str, ...]] = ()
     #: Label of the progress bar.
     progress_label: ClassVar[str] = "fit"
+    #: Progress bars in :meth:`evaluate` and :meth:`figures` (the run is not ``quiet``; they
+    #: show on a terminal only, after 2 s); whoever builds the kind sets it.
+    progress: bool = False
 
     module: nn.Module
     shuffle: torch.Generator

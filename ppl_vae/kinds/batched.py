@@ -88,6 +88,7 @@ class BatchedKind(ModelKind):
             num_samples=cfg.log_likelihood_samples,
             chunk_size=cfg.log_likelihood_chunk,
             eval_memory=cfg.eval_memory,
+            progress=self.progress,
         )
         summary = self.scores.summary()
         return {

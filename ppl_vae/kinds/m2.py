@@ -505,4 +505,6 @@ class M2Kind(ModelKind):
             self.baseline,
             self.baseline_history,
         )
-        return write_ssl_figures(result, self.test_x, self.predictions, self.confusion)
+        return write_ssl_figures(
+            result, self.test_x, self.predictions, self.confusion, progress=self.progress
+        )

@@ -210,7 +210,7 @@ class UserKind(BatchedKind):
             )
         )
         view = pair_view(self.module, self.test_x, shape)
-        paths += write_latent_figures(fig_dir, view, history).paths
+        paths += write_latent_figures(fig_dir, view, history, progress=self.progress).paths
         return paths
 
 

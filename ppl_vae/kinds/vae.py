@@ -127,4 +127,6 @@ class VAEKind(BatchedKind):
         from .. import figures
 
         result = FitResult(self.vae, self.cfg, self.dataset, history, metrics, run_dir, self.scores)
-        return figures.write_figures(result, self.test_x, draws=self.cfg.figure_draws)
+        return figures.write_figures(
+            result, self.test_x, draws=self.cfg.figure_draws, progress=self.progress
+        )
