@@ -1,4 +1,5 @@
-"""benchmarks/speed.py: FixedJitTraceMeanField_ELBO (Pyro's loss, traced once); paired ratios.
+"""benchmarks/speed.py: FixedJitTraceMeanField_ELBO (Pyro's loss, traced once); paired ratios;
+the primary ratios' reference runs ``fit()``'s optimiser.
 
 pyro-ppl 1.9.2's ``JitTraceMeanField_ELBO`` re-traces its loss at every step (it tests one
 attribute and caches another); the benchmark's subclass reuses the compiled loss. Its loss must
@@ -7,7 +8,8 @@ rounding (the traced graph sums in another order): ``rtol=1e-5``, from the secon
 compiling first step draws extra random numbers).
 
 The paired ratios (within-round ratios, median over rounds) are checked on made-up epochs from
-a machine whose speed changes between rounds.
+a machine whose speed changes between rounds, and the table's primary columns on made-up epochs
+against the hand-written loop built with ``make_adam`` (fused Adam against fused Adam).
 """
 
 from __future__ import annotations
