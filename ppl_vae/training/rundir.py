@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import json
 import os
 import re
@@ -25,7 +26,9 @@ from . import checkpoint as ckpt
 from . import distributed
 
 __all__ = [
+    "FIGURES",
     "LOCK",
+    "OUTPUT_FILES",
     "RUN_DIRS",
     "RUN_FILES",
     "config_as_dict",
@@ -46,8 +49,35 @@ RUN_FILES = (
     ckpt.PREVIOUS,
     ckpt.BEST,
 )
-#: Folders a run writes (figures, and the trackers' default stores), replaced by ``overwrite``.
-RUN_DIRS = ("figures", "tensorboard", "mlruns")
+#: What ``evaluate``, ``sample`` and ``score`` write into a run directory by default: the old
+#: run's outputs, removed by ``overwrite`` with it (``fnmatch`` patterns).
+OUTPUT_FILES = (
+    "evaluation.json",
+    "evaluation_scores.csv",
+    "samples_n*.npy",
+    "samples_n*.png",
+)
+#: ``ppl-vae score``'s default folders (``score-<data>``) and the files it writes in them.
+SCORE_DIRS, SCORE_FILES = "score-*", ("scores.csv", "summary.json", "histograms.png")
+#: The figures a run (or ``ppl-vae plot``) writes into ``figures/``; a file of another name
+#: there is the user's and stays.
+FIGURES = (
+    "elbo.png",
+    "reconstructions.png",
+    "samples.png",
+    "latent.png",
+    "interpolation.png",
+    "traversals_*.png",
+    "posterior_*.png",
+    "kl_per_dimension.png",
+    "confusion.png",
+    "confusion_baseline.png",
+    "style_content.png",
+    "class_samples.png",
+    "accuracy.png",
+)
+#: The trackers' default stores, whole folders the run owns, replaced by ``overwrite``.
+RUN_DIRS = ("tensorboard", "mlruns")
 
 
 #: The lock file of a run directory in use (held with ``fcntl.flock``, removed at release).
@@ -124,7 +154,9 @@ def is_run_dir(path: Path) -> bool:
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Create ``out``; refuse to touch an existing run unless resuming or overwriting.
 
-    Leftover temporary files of interrupted atomic writes do not make a directory a run; they
+    ``overwrite`` removes what ppl-vae wrote there (the run's files, its figures, the outputs of
+    ``evaluate``, ``sample`` and ``score`` at their default names, the trackers' stores) and
+    leaves every other file as it is; the caller then writes the new ``config.toml``. Leftover temporary files of interrupted atomic writes do not make a directory a run; they
     are removed when a fresh run starts in it.
     """
     try:
@@ -163,13 +195,33 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                 "choose another --out"
             )
         _probe_writable(out)  # before anything is deleted
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:
-            shutil.rmtree(out / name, ignore_errors=True)
+        _remove_run(out)
     out.mkdir(parents=True, exist_ok=True)
     _probe_writable(out)
     ckpt.remove_temporaries(out)
+
+
+def _remove_run(out: Path) -> None:
+    """Delete the files and folders a run and its commands wrote in ``out``, and nothing else.
+
+    ``config.toml`` stays, for the new run to replace atomically: a kill at any moment of an
+    overwrite leaves a directory that is still a run directory (resumable, or overwritten again),
+    never one that only the user's files keep from looking empty.
+    """
+
+    def unlink(folder: Path, patterns: tuple[str, ...]) -> None:
+        for p in folder.iterdir() if folder.is_dir() else ():
+            if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns):
+                p.unlink(missing_ok=True)
+
+    unlink(out, tuple(name for name in RUN_FILES if name != "config.toml") + OUTPUT_FILES)
+    folders = [out / "figures", *(p for p in out.glob(SCORE_DIRS) if p.is_dir())]
+    for folder in folders:
+        unlink(folder, FIGURES if folder.name == "figures" else SCORE_FILES)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if nothing of the user's is left in it
+    for name in RUN_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _probe_writable(d: Path) -> None:
