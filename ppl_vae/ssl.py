@@ -859,6 +859,7 @@ def _fit_ssl(
     if not resume:
         initialize_from_data(model, splits[0])
     kind = M2Kind(model, cfg, dataset, splits, labelled, unlabelled, built.dynamic, device)
+    kind.progress = not quiet  # the figures: a bar on a terminal
     trainer = Trainer(
         kind,
         Settings(

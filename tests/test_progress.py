@@ -138,3 +138,33 @@ def test_compare_prints_a_line_per_row_unless_quiet(capsys, quiet):
             "[2/2] iwae:2 seed 0",
         ]
         assert all(line.endswith(" s)") for line in lines)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_ssl_shows_the_figures_bar_unless_quiet(bars, monkeypatch, tmp_path, quiet):
+    from ppl_vae import fit_ssl
+
+    _stderr(monkeypatch, _Terminal())
+    fit_ssl(
+        {"labels": 20, "epochs": 1, "max_train": 64, "hidden_dims": [8], "latent_dim": 2},
+        out=tmp_path / "ssl",
+        quiet=quiet,
+    )
+    (bar,) = [b for b in bars if b.what == "figures"]
+    assert bar.shown is not quiet
+    assert bar.total > 0 and bar.n == (0 if quiet else bar.total)  # a disabled bar counts nothing
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_plot_command_shows_the_figures_bar_unless_quiet(bars, monkeypatch, tmp_path, quiet):
+    from ppl_vae.cli import main
+
+    fit(out=tmp_path / "run", quiet=True, figures=False, **TINY)
+    terminal = _stderr(monkeypatch, _Terminal())
+    bars.clear()
+    assert main(["plot", str(tmp_path / "run"), *(["--quiet"] if quiet else [])]) == 0
+    (bar,) = [b for b in bars if b.what == "figures"]
+    assert bar.shown is not quiet
+    assert bar.total == 3  # traversals_z, posterior_z, kl_per_dimension
+    assert bar.n == (0 if quiet else 3)  # a disabled bar counts nothing
+    assert ("figures:" in terminal.getvalue()) is not quiet

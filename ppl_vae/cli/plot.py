@@ -40,6 +40,7 @@ def register(sub: Any) -> None:
         help="the test point whose posterior mean a traversal holds (default 0)",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_plot)
 
 
@@ -50,7 +51,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     unknown = [w for w in which if w not in LATENT_FIGURES]
     if unknown or not which:
         raise ConfigError(f"--which takes some of {','.join(LATENT_FIGURES)}, got {args.which!r}")
-    out = plot_run(args.run_dir, args.out, which, point=args.test_point, device=args.device)
+    out = plot_run(
+        args.run_dir,
+        args.out,
+        which,
+        point=args.test_point,
+        device=args.device,
+        progress=not args.quiet,
+    )
     for path in out.paths:
         print(path)
     return 0
