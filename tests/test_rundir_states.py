@@ -337,6 +337,7 @@ def zygote(tmp_path_factory):
     z.close()
 
 
+@pytest.mark.filterwarnings("ignore:no checkpoint in:RuntimeWarning")  # a resume after a kill
 def test_any_sequence_of_operations_keeps_the_run_directory_safe(zygote):
     @settings(max_examples=6, deadline=None, derandomize=True, database=None)
     @given(st.lists(operations, min_size=2, max_size=5))
