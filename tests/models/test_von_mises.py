@@ -94,6 +94,19 @@ def test_cdf_matches_quadrature(kappa: float, dtype: torch.dtype) -> None:
     torch.testing.assert_close(got.double(), ref, atol=atol, rtol=0.0)
 
 
+def test_the_distributions_cdf_is_counted_from_loc_minus_pi() -> None:
+    """``ReparameterizedVonMises(mu, kappa).cdf(v)`` is the integral of its density from
+    :math:`\mu - \pi` to ``v`` (quadrature, 1e-10 absolute in float64), for a location away
+    from 0 so that a shift of the wrong sign fails."""
+    loc, kappa = 0.9, 2.5
+    d = ReparameterizedVonMises(
+        torch.tensor(loc, dtype=torch.float64), torch.tensor(kappa, dtype=torch.float64)
+    )
+    v = torch.linspace(loc - math.pi + 0.05, loc + math.pi - 0.05, 9, dtype=torch.float64)
+    ref = torch.tensor([_quad_cdf(float(t) - loc, kappa) for t in v], dtype=torch.float64)
+    torch.testing.assert_close(d.cdf(v), ref, atol=1e-10, rtol=0.0)
+
+
 def test_cdf_is_periodic_and_monotone() -> None:
     # F(x + 2 pi k) = F(x) + k to 1e-12, and F is nondecreasing on a fine grid (float64).
     x = torch.linspace(-math.pi, math.pi, 2001, dtype=torch.float64)
