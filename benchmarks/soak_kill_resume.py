@@ -5,15 +5,16 @@ SIGKILLed at random moments, ``--kills`` times; after every kill ``fit --resume`
 (a fresh ``fit`` when the kill came before ``config.toml``), and that process is the next one
 killed. Kill moments, drawn with ``--seed``:
 
-- a random delay from the process start (imports, set-up, training, its writes);
-- the moment the k-th checkpoint temporary file (``.checkpoint.pt.tmp*``, ``.best.pt.tmp*``)
-  appears, plus 0-3 ms: inside a checkpoint write;
-- once every epoch is trained, a delay inside the final evaluation (test log-likelihood,
-  ``scores.csv``, figures, ``metrics.json``).
+- start-up: a random delay from the process start (imports, data, model, the checkpoint read);
+- inside a checkpoint write: the moment the k-th checkpoint temporary file
+  (``.checkpoint.pt.tmp*``, ``.best.pt.tmp*``) of the process appears, plus 0-3 ms;
+- training: a random delay after the process's first checkpoint write;
+- the final evaluation: once every epoch is trained, a delay inside what follows (test
+  log-likelihood, ``scores.csv``, figures, ``metrics.json``).
 
-k is paced so that training ends after about three quarters of the kills and the rest land in
-the final evaluation. When the kills are spent the last ``--resume`` runs to the end, and the
-run is compared with an uninterrupted run of the same seed: every tensor of ``checkpoint.pt``
+k and the delays are paced so that training ends after about three quarters of the kills; the
+rest land in the final evaluation. When the kills are spent the last ``--resume`` runs to the
+end, and the run is compared with an uninterrupted run of the same seed: every tensor of ``checkpoint.pt``
 and ``best.pt`` (model and optimiser, ``torch.equal``), ``history.csv`` (without the wall-clock
 ``seconds``), ``metrics.json`` (without ``train_seconds``) and ``scores.csv``.
 
@@ -213,37 +214,47 @@ def main(argv: list[str] | None = None) -> int:
 
     landed, missed, failures, resumes = Counter(), 0, [], 0
     train_kills = round(0.75 * args.kills)
+    trained_by = None  # the kill before which every epoch was trained
     for i in range(args.kills):
         done = epochs_done(run)
+        if done >= epochs and trained_by is None:
+            trained_by = i
         proc = Process(command(run, epochs, args.seed), work / "process.err")
         resumes += "--resume" in proc.proc.args
-        mode = "delay"
-        if done >= epochs or i >= train_kills:  # (the rest of) training, then a delay
-            mode = "final evaluation"
-            running = proc.watch_training(run, epochs)
-            running = running and proc.watch(run, proc.elapsed() + rng.uniform(0, ending))
-        elif rng.random() < 0.55:
-            # the k-th checkpoint write from here (checkpoint.pt and best.pt: up to two an
-            # epoch), paced to end training after train_kills kills
-            per_kill = (epochs - done) / max(1, train_kills - i)
-            k = 1 + rng.randint(0, math.ceil(4 * per_kill / 0.55))
+        per_kill = (epochs - done) / max(1, train_kills - i)  # epochs to train before a kill
+        r = rng.random()
+        if r < 0.1:  # start-up: imports, data, model, reading the checkpoint
+            mode = "start-up"
+            running = proc.watch(run, rng.uniform(0.0, 0.9 * startup))
+        elif done < epochs and i < train_kills and r < 0.55:
+            # the k-th checkpoint write of this process (checkpoint.pt and best.pt: up to two
+            # an epoch), paced to end training after train_kills kills
             mode = "checkpoint write"
+            k = 1 + rng.randint(0, math.ceil(4 * per_kill / 0.45))
             running = proc.watch(run, math.inf, kth_write=k)
             if running:
                 time.sleep(rng.uniform(0.0, 0.003))
+        elif done < epochs and i < train_kills:
+            # training: a delay after this process's first checkpoint write
+            mode = "training"
+            running = proc.watch(run, math.inf, kth_write=1)
+            delay = rng.uniform(0.0, 2 * per_kill / 0.45 * max(epoch_s, 0.005))
+            running = running and proc.watch(run, proc.elapsed() + delay)
         else:
-            per_kill = max(1.0, (epochs - done) / max(1, train_kills - i))
-            running = proc.watch(run, rng.uniform(0.0, startup + 2 * per_kill * max(epoch_s, 0.01)))
+            # the final evaluation: the rest of training, then a delay inside what follows
+            # (test log-likelihood, scores.csv, figures, metrics.json)
+            mode = "final evaluation"
+            running = proc.watch_training(run, epochs)
+            if done >= epochs:  # this process only evaluates: after its start-up
+                running = running and proc.watch(run, startup * rng.uniform(0.8, 1.0))
+            running = running and proc.watch(run, proc.elapsed() + rng.uniform(0, ending))
         killed = running and proc.kill()
         code, err = proc.wait()
+        if proc.writes and mode != "final evaluation":  # start-up times drift with the load
+            startup = 0.7 * startup + 0.3 * proc.writes[0]
         if killed and code == -signal.SIGKILL:
-            if temporaries(run):
-                phase = "checkpoint write (temporary file left)"
-            elif mode == "delay":
-                phase = "start-up" if not proc.writes else "training"
-            else:
-                phase = mode
-            landed[phase] += 1
+            left = temporaries(run)
+            landed["checkpoint write (its temporary file left)" if left else mode] += 1
         else:
             missed += 1  # the process ended before the kill
         if code not in (0, -signal.SIGKILL) or "Traceback" in err:
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{args.kills} kills tried over one {epochs}-epoch run, {n_landed} landed "
         f"({dict(landed.most_common())}), {missed} missed (the process finished first), "
-        f"{resumes} resumes; {n_landed - len(failures)} of {n_landed} survived, "
+        f"{resumes} resumes, every epoch trained after {trained_by} kills; {n_landed - len(failures)} of {n_landed} survived, "
         f"{len(failures)} failure(s)\n"
         f"bitwise equal to the uninterrupted run: {'yes' if not diff else 'no: ' + ', '.join(diff)}"
         f"\nwall time {time.monotonic() - t0:.0f} s"
