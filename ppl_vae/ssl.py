@@ -107,7 +107,7 @@ SSL_RUN_FILES = ("baseline_history.csv", ckpt.BEST)
 
 def split_labelled(
     y: torch.Tensor | np.ndarray, num_labels: int, num_classes: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:  # pragma: no mutate block
     r"""A class-balanced labelled subset of the training points, fixed by ``seed``.
 
     Every class gets :math:`\lfloor n / K \rfloor` labels and :math:`n \bmod K` classes, drawn by
@@ -234,7 +234,7 @@ class SSVAE(PyroModule):
     def data_shape(self) -> tuple[int, ...]:
         return self.likelihood.data_shape
 
-    def check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:  # pragma: no mutate block
         """Reject data whose per-point shape is not the one the networks were built for."""
         check_batch_shape(x, self.data_shape)
 
@@ -275,7 +275,7 @@ class SSVAE(PyroModule):
         is :attr:`~ppl_vae.models.priors.base.Prior.label_conditional`."""
         return self.prior(y) if self.prior.label_conditional else self.prior()
 
-    def prior_codes(self, n: int) -> torch.Tensor:
+    def prior_codes(self, n: int) -> torch.Tensor:  # pragma: no mutate block
         """Codes for every class, ``(K, n, D)``: the same ``n`` draws of p(z) in every class, or
         for p(z | y) ``n`` draws of p(z | k) per class k."""
         k = self.num_classes
@@ -318,27 +318,31 @@ class SSVAE(PyroModule):
         r""":math:`-\log q_\phi(y \mid x)` per point, ``(N,)``."""
         return -self.label_guide.dist(x).log_prob(y)
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """The most probable class under q(y | x), ``(N,)``."""
-        was = self.training
-        self.eval()
-        try:
-            return torch.cat(
-                [
-                    self.label_guide(x[i : i + batch_size]).argmax(-1)
-                    for i in range(0, len(x), batch_size)
-                ]
-            )
-        finally:
-            self.train(was)
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            try:
+                return torch.cat(
+                    [
+                        self.label_guide(x[i : i + batch_size]).argmax(-1)
+                        for i in range(0, len(x), batch_size)
+                    ]
+                )
+            finally:
+                self.train(was)
 
-    def decode_mean(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def decode_mean(
+        self, z: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no mutate block
         """E[x | z, y] for codes ``(..., D)`` and one-hot labels ``(..., K)``."""
         return self.likelihood.mean(self.decoder(self.prior.embed(z), y))
 
     @torch.no_grad()
-    def sample_per_class(self, n: int, draw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_per_class(
+        self, n: int, draw: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no mutate block
         r"""``n`` codes :math:`z_j \sim p(z)`, each decoded with every class.
 
         Returns:
@@ -364,7 +368,6 @@ class SSVAE(PyroModule):
         except NotImplementedError:
             return q.sample()
 
-    @torch.no_grad()
     def elbo_per_class(
         self, x: torch.Tensor, num_samples: int = 10, batch_size: int = 256
     ) -> torch.Tensor:
@@ -375,16 +378,17 @@ class SSVAE(PyroModule):
 
         Log-densities are unscaled and exact (the guide in eval mode).
         """
-        return self._per_class(
-            x,
-            batch_size,
-            lambda xb, yk: log_weights(
-                functools.partial(self.model, y=yk),
-                functools.partial(self.guide, y=yk),
-                xb,
-                num_samples,
-            ).mean(0),
-        )
+        with torch.no_grad():
+            return self._per_class(
+                x,
+                batch_size,
+                lambda xb, yk: log_weights(
+                    functools.partial(self.model, y=yk),
+                    functools.partial(self.guide, y=yk),
+                    xb,
+                    num_samples,
+                ).mean(0),
+            )
 
     def _per_class(self, x: torch.Tensor, batch_size: int, fn: Any) -> torch.Tensor:
         """``fn(x_batch, y_k)`` ``(B,)`` for every class k and batch, as ``(N, K)``, in eval mode."""
@@ -403,7 +407,6 @@ class SSVAE(PyroModule):
         finally:
             self.train(was)
 
-    @torch.no_grad()
     def unlabelled_elbo(
         self, x: torch.Tensor, num_samples: int = 10, per_class: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -412,19 +415,22 @@ class SSVAE(PyroModule):
         .. math:: \mathcal{U}(x) = \sum_k q_\phi(k \mid x)\,
             \big[\mathcal{L}(x, k) - \log q_\phi(k \mid x)\big]
         """
-        if per_class is None:
-            per_class = self.elbo_per_class(x, num_samples)
-        was = self.training
-        self.eval()
-        try:
-            log_q = torch.cat(
-                [self.label_guide(x[i : i + 1024]).log_softmax(-1) for i in range(0, len(x), 1024)]
-            )
-        finally:
-            self.train(was)
-        return (log_q.exp() * (per_class - log_q)).sum(-1)
+        with torch.no_grad():
+            if per_class is None:
+                per_class = self.elbo_per_class(x, num_samples)
+            was = self.training
+            self.eval()
+            try:
+                log_q = torch.cat(
+                    [
+                        self.label_guide(x[i : i + 1024]).log_softmax(-1)
+                        for i in range(0, len(x), 1024)
+                    ]
+                )
+            finally:
+                self.train(was)
+            return (log_q.exp() * (per_class - log_q)).sum(-1)
 
-    @torch.no_grad()
     def log_joint_per_class(
         self, x: torch.Tensor, num_samples: int = 100, chunk_size: int = 100, batch_size: int = 256
     ) -> torch.Tensor:
@@ -438,15 +444,15 @@ class SSVAE(PyroModule):
         log-densities, the guide in eval mode. Each entry is a stochastic lower bound of
         :math:`\log p(x, k)` in expectation that tightens as S grows.
         """
-        return self._per_class(
-            x,
-            batch_size,
-            lambda xb, yk: importance_log_likelihood(
-                self.model, self.guide, xb, y=yk, num_samples=num_samples, chunk_size=chunk_size
-            ),
-        )
+        with torch.no_grad():
+            return self._per_class(
+                x,
+                batch_size,
+                lambda xb, yk: importance_log_likelihood(
+                    self.model, self.guide, xb, y=yk, num_samples=num_samples, chunk_size=chunk_size
+                ),
+            )
 
-    @torch.no_grad()
     def log_likelihood(
         self, x: torch.Tensor, num_samples: int = 100, chunk_size: int = 100, batch_size: int = 256
     ) -> torch.Tensor:
@@ -459,7 +465,8 @@ class SSVAE(PyroModule):
         :math:`\log p(x)` in expectation, above the unlabelled ELBO :meth:`unlabelled_elbo`
         (in expectation), and consistent as S grows.
         """
-        return self.log_joint_per_class(x, num_samples, chunk_size, batch_size).logsumexp(-1)
+        with torch.no_grad():
+            return self.log_joint_per_class(x, num_samples, chunk_size, batch_size).logsumexp(-1)
 
 
 def build_ssvae(
@@ -483,7 +490,7 @@ def build_ssvae(
     decoder_args: dict[str, Any] | None = None,
     guide_family: Any = None,
     guide_family_args: dict[str, Any] | None = None,
-) -> SSVAE:
+) -> SSVAE:  # pragma: no mutate block
     """Assemble an :class:`SSVAE` from component specs (names, ``file.py:Class``, classes).
 
     The encoder and decoder are those of :func:`~ppl_vae.vae.build_networks` (names, files,
@@ -544,7 +551,7 @@ def build_ssvae(
 
 
 @dataclass
-class SSLResult:
+class SSLResult:  # pragma: no mutate block
     """What :func:`fit_ssl` returns."""
 
     model: SSVAE
@@ -559,7 +566,7 @@ class SSLResult:
     baseline_history: list[dict[str, float]] = field(default_factory=list)
 
 
-def auto_likelihood(ds: Dataset) -> str:
+def auto_likelihood(ds: Dataset) -> str:  # pragma: no mutate block
     """The ``likelihood="auto"`` choice for a data set (see :class:`SSLConfig`)."""
     if ds.num_levels is not None and ds.num_levels > 2:
         return "discretized-logistic"
@@ -571,7 +578,7 @@ def auto_likelihood(ds: Dataset) -> str:
     return "normal"
 
 
-def _check_labels(ds: Dataset, num_classes: int) -> None:
+def _check_labels(ds: Dataset, num_classes: int) -> None:  # pragma: no mutate block
     for split in ("train", "val", "test"):
         y = getattr(ds, f"{split}_y")
         if y is None:
@@ -598,7 +605,7 @@ def _check_labels(ds: Dataset, num_classes: int) -> None:
 
 
 @dataclass
-class SSLBuild:
+class SSLBuild:  # pragma: no mutate block
     """What :func:`build_ssl_run` returns: everything an M2 run is built from.
 
     Attributes:
@@ -626,7 +633,7 @@ def build_ssl_run(
     dataset: Dataset | None = None,
     device: torch.device | str = "cpu",
     download: bool | None = None,
-) -> SSLBuild:
+) -> SSLBuild:  # pragma: no mutate block
     r"""Rebuild what an M2 run is made of from its config: data, labelled subset and model.
 
     This is the one way :func:`fit_ssl` and :func:`ppl_vae.runs.reopen.load_run` build an M2 run, so
@@ -734,7 +741,9 @@ def build_ssl_run(
     return SSLBuild(cfg, dataset, model, labelled, unlabelled, (train, val, test), dynamic)
 
 
-def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> dict[str, Any] | None:
+def _open_resumed_run(
+    run_dir: Path, cfg: SSLConfig, device: torch.device
+) -> dict[str, Any] | None:  # pragma: no mutate block
     """The newest good checkpoint of a run being resumed (None: start again from epoch 0).
 
     Checks ``epochs`` against the epochs done; changes nothing in the directory (that is
@@ -751,7 +760,9 @@ def _open_resumed_run(run_dir: Path, cfg: SSLConfig, device: torch.device) -> di
     return state
 
 
-def _update_resumed_run(run_dir: Path, cfg: SSLConfig, state: dict[str, Any] | None) -> None:
+def _update_resumed_run(
+    run_dir: Path, cfg: SSLConfig, state: dict[str, Any] | None
+) -> None:  # pragma: no mutate block
     """Rank 0's writes of a resume, after the checkpoint loaded: clear leftover temporary files
     and the outputs of the last evaluation, and save a raised ``epochs`` into ``config.toml``."""
     ckpt.remove_temporaries(run_dir)
@@ -774,7 +785,7 @@ def fit_ssl(
     figures: bool = True,
     callbacks: list[Callback] | None = None,
     **options: Any,
-) -> SSLResult:
+) -> SSLResult:  # pragma: no mutate block
     r"""Train the M2 semi-supervised VAE and evaluate its classifier and bound on the test split.
 
     Args:
@@ -842,7 +853,7 @@ def _fit_ssl(
     figures: bool,
     callbacks: list[Callback] | None,
     options: dict[str, Any],
-) -> SSLResult:
+) -> SSLResult:  # pragma: no mutate block
     run_dir = Path(out) if out is not None else None
     if resume and config is not None:
         raise ConfigError(
@@ -927,7 +938,7 @@ def train_supervised(
     seed: int = 0,
     patience: int | None = None,
     clip_norm: float | None = None,
-) -> tuple[list[dict[str, float]], int]:
+) -> tuple[list[dict[str, float]], int]:  # pragma: no mutate block
     r"""The supervised baseline: train ``classifier`` on ``(x, y)`` alone by cross-entropy.
 
     .. math:: \min_\phi\ \tfrac{1}{N_l} \sum_{(x, y)} -\log q_\phi(y \mid x)

@@ -189,30 +189,30 @@ def _kept_rng(device: torch.device) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-@torch.no_grad()
 def pass_memory(module: Any, x: torch.Tensor, num_particles: int) -> tuple[int, str]:
     """Peak bytes one log-weight pass of ``num_particles`` over the points ``x`` adds (random
     streams restored afterwards), and how they were measured: on a CPU, the peak count of
     :class:`TensorMemory` times :data:`CPU_MEMORY_FACTOR`."""
+    with torch.no_grad():
 
-    def one_pass() -> None:  # what log_weights runs (called directly: probes are no passes)
-        log_importance_weights(module.model, module.guide, (x,), {}, num_particles, 1)
+        def one_pass() -> None:  # what log_weights runs (called directly: probes are no passes)
+            log_importance_weights(module.model, module.guide, (x,), {}, num_particles, 1)
 
-    with _kept_rng(x.device):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-            torch.cuda.reset_peak_memory_stats(x.device)
-            base = torch.cuda.memory_allocated(x.device)
-            one_pass()
-            torch.cuda.synchronize(x.device)
-            peak = torch.cuda.max_memory_allocated(x.device) - base
-            return peak, "torch.cuda.max_memory_allocated"
-        with TensorMemory() as mem:
-            one_pass()
-        return (
-            math.ceil(mem.peak * CPU_MEMORY_FACTOR),
-            f"{CPU_MEMORY_FACTOR} x the peak bytes of the tensors a pass creates",
-        )
+        with _kept_rng(x.device):
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+                torch.cuda.reset_peak_memory_stats(x.device)
+                base = torch.cuda.memory_allocated(x.device)
+                one_pass()
+                torch.cuda.synchronize(x.device)
+                peak = torch.cuda.max_memory_allocated(x.device) - base
+                return peak, "torch.cuda.max_memory_allocated"
+            with TensorMemory() as mem:
+                one_pass()
+            return (
+                math.ceil(mem.peak * CPU_MEMORY_FACTOR),
+                f"{CPU_MEMORY_FACTOR} x the peak bytes of the tensors a pass creates",
+            )
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,6 @@ class Scores:
         }
 
 
-@torch.no_grad()
 def score(
     vae: Any,
     x: torch.Tensor,
@@ -339,30 +338,31 @@ def score(
     Returns:
         The :class:`Scores`, with the :class:`ChunkPlan` used.
     """
-    if num_samples <= 0 or chunk_size <= 0 or batch_size <= 0:
-        raise ConfigError(
-            f"`num_samples`, `chunk_size` and `batch_size` must be positive, got {num_samples}, "
-            f"{chunk_size}, {batch_size}"
-        )
-    with _evaluation_mode(vae):
-        plan = plan_chunks(vae, x, num_samples, chunk_size, batch_size, eval_memory)
-        elbos, lls = [], []
-        with progress_bar(progress, x.shape[0] * num_samples, "log p(x)") as bar:
-            for start in range(0, x.shape[0], plan.points):
-                xb = x[start : start + plan.points]
-                run_lse = xb.new_full((xb.shape[0],), -math.inf)
-                run_sum = xb.new_zeros(xb.shape[0])
-                done = 0
-                while done < num_samples:
-                    k = min(plan.particles, num_samples - done)
-                    lw = log_weights(vae.model, vae.guide, xb, k)
-                    run_lse = torch.logaddexp(run_lse, torch.logsumexp(lw, dim=0))
-                    run_sum = run_sum + lw.sum(0)
-                    done += k
-                    bar.update(k * xb.shape[0])
-                elbos.append(run_sum / num_samples)
-                lls.append(run_lse - math.log(num_samples))
-    return Scores(torch.cat(elbos), torch.cat(lls), num_samples, plan)
+    with torch.no_grad():
+        if num_samples <= 0 or chunk_size <= 0 or batch_size <= 0:
+            raise ConfigError(
+                f"`num_samples`, `chunk_size` and `batch_size` must be positive, got {num_samples}, "
+                f"{chunk_size}, {batch_size}"
+            )
+        with _evaluation_mode(vae):
+            plan = plan_chunks(vae, x, num_samples, chunk_size, batch_size, eval_memory)
+            elbos, lls = [], []
+            with progress_bar(progress, x.shape[0] * num_samples, "log p(x)") as bar:
+                for start in range(0, x.shape[0], plan.points):
+                    xb = x[start : start + plan.points]
+                    run_lse = xb.new_full((xb.shape[0],), -math.inf)
+                    run_sum = xb.new_zeros(xb.shape[0])
+                    done = 0
+                    while done < num_samples:
+                        k = min(plan.particles, num_samples - done)
+                        lw = log_weights(vae.model, vae.guide, xb, k)
+                        run_lse = torch.logaddexp(run_lse, torch.logsumexp(lw, dim=0))
+                        run_sum = run_sum + lw.sum(0)
+                        done += k
+                        bar.update(k * xb.shape[0])
+                    elbos.append(run_sum / num_samples)
+                    lls.append(run_lse - math.log(num_samples))
+        return Scores(torch.cat(elbos), torch.cat(lls), num_samples, plan)
 
 
 @contextmanager
@@ -410,7 +410,6 @@ class Terms:
         return sum(self.kl.values(), torch.zeros_like(self.recon))
 
 
-@torch.no_grad()
 def per_point_terms(
     module: Any,
     x: torch.Tensor,
@@ -424,31 +423,35 @@ def per_point_terms(
     fixed 100 x 512) and replays the model on them, as :func:`log_weights` does; sites
     outside ``pyro.plate("data")`` (global latents) have no per-point KL and are left out.
     """
-    if num_samples <= 0:
-        raise ConfigError(f"`num_samples` must be positive, got {num_samples}")
-    plan = plan or ChunkPlan(min(100, num_samples), 512)
-    recon_parts: list[torch.Tensor] = []
-    kl_parts: dict[str, list[torch.Tensor]] = {}
-    analytic: dict[str, bool] = {}
-    with _evaluation_mode(module), progress_bar(progress, x.shape[0] * num_samples, "terms") as bar:
-        for start in range(0, x.shape[0], plan.points):
-            xb = x[start : start + plan.points]
-            recon, kls = xb.new_zeros(xb.shape[0]), {}
-            done = 0
-            while done < num_samples:
-                k = min(plan.particles, num_samples - done)
-                r, sites = _chunk_terms(module, xb, k)
-                recon = recon + r
-                for name, (value, exact) in sites.items():
-                    kls[name] = kls.get(name, 0.0) + value
-                    analytic[name] = analytic.get(name, True) and exact
-                done += k
-                bar.update(k * xb.shape[0])
-            recon_parts.append(recon / num_samples)
-            for name, value in kls.items():
-                kl_parts.setdefault(name, []).append(value / num_samples)
-    kl = {name: torch.cat(parts) for name, parts in kl_parts.items()}
-    return Terms(torch.cat(recon_parts), kl, analytic, num_samples)
+    with torch.no_grad():
+        if num_samples <= 0:
+            raise ConfigError(f"`num_samples` must be positive, got {num_samples}")
+        plan = plan or ChunkPlan(min(100, num_samples), 512)
+        recon_parts: list[torch.Tensor] = []
+        kl_parts: dict[str, list[torch.Tensor]] = {}
+        analytic: dict[str, bool] = {}
+        with (
+            _evaluation_mode(module),
+            progress_bar(progress, x.shape[0] * num_samples, "terms") as bar,
+        ):
+            for start in range(0, x.shape[0], plan.points):
+                xb = x[start : start + plan.points]
+                recon, kls = xb.new_zeros(xb.shape[0]), {}
+                done = 0
+                while done < num_samples:
+                    k = min(plan.particles, num_samples - done)
+                    r, sites = _chunk_terms(module, xb, k)
+                    recon = recon + r
+                    for name, (value, exact) in sites.items():
+                        kls[name] = kls.get(name, 0.0) + value
+                        analytic[name] = analytic.get(name, True) and exact
+                    done += k
+                    bar.update(k * xb.shape[0])
+                recon_parts.append(recon / num_samples)
+                for name, value in kls.items():
+                    kl_parts.setdefault(name, []).append(value / num_samples)
+        kl = {name: torch.cat(parts) for name, parts in kl_parts.items()}
+        return Terms(torch.cat(recon_parts), kl, analytic, num_samples)
 
 
 def _chunk_terms(
@@ -541,12 +544,12 @@ def bits_per_dim(likelihood: Any, log_likelihood: float, num_levels: int | None)
     return None
 
 
-@torch.no_grad()
 def mean_elbo(vae: Any, x: torch.Tensor, batch_size: int = 512) -> float:
     """The ELBO per data point of ``x`` with one sample per point (for per-epoch validation)."""
-    # one particle per point, a training-sized pass: the fixed chunk, no probe every epoch
-    one = score(vae, x, num_samples=1, chunk_size=1, batch_size=batch_size, eval_memory=None)
-    return float(one.elbo.mean())
+    with torch.no_grad():
+        # one particle per point, a training-sized pass: the fixed chunk, no probe every epoch
+        one = score(vae, x, num_samples=1, chunk_size=1, batch_size=batch_size, eval_memory=None)
+        return float(one.elbo.mean())
 
 
 def write_scores_csv(
