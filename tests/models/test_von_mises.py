@@ -95,7 +95,7 @@ def test_cdf_matches_quadrature(kappa: float, dtype: torch.dtype) -> None:
 
 
 def test_the_distributions_cdf_is_counted_from_loc_minus_pi() -> None:
-    """``ReparameterizedVonMises(mu, kappa).cdf(v)`` is the integral of its density from
+    r"""``ReparameterizedVonMises(mu, kappa).cdf(v)`` is the integral of its density from
     :math:`\mu - \pi` to ``v`` (quadrature, 1e-10 absolute in float64), for a location away
     from 0 so that a shift of the wrong sign fails."""
     loc, kappa = 0.9, 2.5
