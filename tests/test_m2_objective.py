@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ppl_vae.data import load_data
-from ppl_vae.kinds.m2 import M2Kind
+from ppl_vae.kinds.m2 import (
+    M2Kind,
+    confusion_counts,
+    evaluation_metrics,
+    labelled_accuracy,
+    per_class_accuracy,
+)
 from ppl_vae.ssl import SSLConfig, build_ssvae
 
 K = 3  # classes
@@ -208,3 +214,376 @@ def test_classification_loss_is_minus_the_log_softmax_of_the_logits():
         kind.model.classification_loss(x_l, y_l), expected.squeeze(1), rtol=1e-12, atol=0
     )
     assert bool((kind.model.classification_loss(x_l, y_l) > 0).all())  # -log of a probability
+
+
+# -- evaluation: the per-class bounds, the unlabelled bound, log p(x), the metrics -------------
+#
+# Each quantity is recomputed from the model's own pieces (``q_z``, the decoder, the class
+# logits, the classifier's logits) with Python loops over classes and particles, from the same
+# random draws (``pyro.set_rng_seed``: the code and the hand computation draw z class by class,
+# ``(S, N, D)`` at a time), or on a model whose answer is known in closed form: a decoder blind
+# to z and q(z | x, y) = p(z) = N(0, I), where every importance weight is exactly
+# p(k) p(x | k), whatever the draws, the number of samples, the chunks or the batches.
+# Float64 throughout; the two sides differ by the order of float sums (~1e-15 relative).
+
+CLASS_PROBS = [0.2, 0.3, 0.5]
+
+
+def _ssvae(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model = build_ssvae(
+        (D,), K, likelihood="bernoulli", label_guide="enumerate", latent_dim=2, hidden_dims=(8,),
+        class_probs=CLASS_PROBS, **kw,
+    ).double()  # fmt: skip
+    with torch.no_grad():  # a classifier far from uniform, an encoder far from the prior
+        for p in model.label_guide.net.parameters():
+            p.mul_(3.0)
+        for p in model.encoder.head.parameters():
+            p.mul_(2.0)
+    return model
+
+
+def _points(n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((n, D), 0.4, dtype=torch.float64), generator=g)
+
+
+def _log_pk(model, k: int) -> torch.Tensor:
+    r""":math:`\log p(k)`: the model keeps ``CLASS_PROBS`` as float32 logits (rounding ~1e-8)."""
+    log_p = model.class_logits.log_softmax(-1)
+    np.testing.assert_allclose(log_p.exp().numpy(), CLASS_PROBS, rtol=1e-6)
+    return log_p[k]
+
+
+def _log_weight(model, x, k: int, z):
+    r""":math:`\log p(k) + \log p(z) + \log p(x \mid z, k) - \log q(z \mid x, k)` per point for
+    one class ``k`` and one code per point ``z`` ``(N, 2)``."""
+    onehot = F.one_hot(torch.full((len(x),), k), K).double()
+    q = model.q_z(x, onehot)
+    loc, scale = q.base_dist.loc, q.base_dist.scale
+    log_q = (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
+    log_pz = (-0.5 * z**2 - 0.5 * np.log(2 * np.pi)).sum(-1)
+    logits = model.decoder(model.prior.embed(z), onehot).reshape(len(x), D)
+    log_px = (x * F.logsigmoid(logits) + (1 - x) * F.logsigmoid(-logits)).sum(-1)
+    return _log_pk(model, k) + log_pz + log_px - log_q
+
+
+def _draws(model, x, k: int, s: int):
+    """``s`` codes per point from q(z | x, k), drawn as Pyro's particle plate draws them."""
+    onehot = F.one_hot(torch.full((len(x),), k), K).double()
+    return model.q_z(x, onehot).rsample((s,))  # (S, N, 2)
+
+
+def _hand_log_weights(model, x, s: int):
+    """``(K, S, N)`` log weights, class by class, particle by particle, from the RNG's state."""
+    out = []
+    for k in range(K):
+        z = _draws(model, x, k, s)
+        out.append(torch.stack([_log_weight(model, x, k, z[j]) for j in range(s)]))
+    return torch.stack(out)
+
+
+def _hand_per_class_elbo(model, x, s: int):
+    w = _hand_log_weights(model, x, s)
+    return torch.stack([sum(w[k, j] for j in range(s)) / s for k in range(K)], -1)  # (N, K)
+
+
+def _hand_log_likelihood(model, x, s: int):
+    w = _hand_log_weights(model, x, s)  # log mean_s exp, then logsumexp over the classes
+    per_class = [torch.logsumexp(w[k], 0) - np.log(s) for k in range(K)]
+    return torch.logsumexp(torch.stack(per_class, -1), -1), torch.stack(per_class, -1)
+
+
+def _hand_unlabelled(model, x, per_class):
+    log_q = model.label_guide(x).log_softmax(-1)
+    return sum(log_q[:, k].exp() * (per_class[:, k] - log_q[:, k]) for k in range(K))
+
+
+def _blind(model):
+    """Decoder blind to z (its z columns zeroed) and q(z | x, y) = N(0, I) (head zeroed)."""
+    with torch.no_grad():
+        model.decoder.net[0].weight[:, :2] = 0.0
+        model.encoder.head.weight.zero_()
+        model.encoder.head.bias.zero_()
+    return model
+
+
+def _known_log_joint(model, x):
+    r"""For the blind model, :math:`\log p(x, k) = \log p(k) + \log p(x \mid k)` exactly."""
+    z = torch.zeros(len(x), 2, dtype=torch.float64)
+    cols = []
+    for k in range(K):
+        onehot = F.one_hot(torch.full((len(x),), k), K).double()
+        logits = model.decoder(z, onehot).reshape(len(x), D)
+        log_px = torch.distributions.Bernoulli(logits=logits).log_prob(x).sum(-1)
+        cols.append(_log_pk(model, k) + log_px)
+    return torch.stack(cols, -1)
+
+
+def test_blind_model_has_constant_weights_and_the_known_answer():
+    model = _blind(_ssvae())
+    x = _points(5)
+    z = torch.randn(5, 2, dtype=torch.float64) * 3
+    for k in range(K):  # the hand weight is p(k) p(x|k) at any z: the closed form holds
+        torch.testing.assert_close(
+            _log_weight(model, x, k, z), _known_log_joint(model, x)[:, k], rtol=1e-12, atol=0
+        )
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_elbo_per_class_is_the_mean_log_weight_of_each_class(seed):
+    model, x, s = _ssvae(), _points(5), 4
+    pyro.set_rng_seed(seed)
+    got = model.elbo_per_class(x, s)
+    pyro.set_rng_seed(seed)
+    with torch.no_grad():
+        hand = _hand_per_class_elbo(model, x, s)
+    assert got.shape == (5, K)
+    torch.testing.assert_close(got, hand, rtol=1e-10, atol=0)
+
+
+def test_unlabelled_elbo_is_the_expectation_under_q_y_plus_its_entropy():
+    model, x, s = _ssvae(), _points(5), 3
+    pyro.set_rng_seed(5)
+    got = model.unlabelled_elbo(x, s)  # draws its own per-class bounds
+    pyro.set_rng_seed(5)
+    with torch.no_grad():
+        hand = _hand_unlabelled(model, x, _hand_per_class_elbo(model, x, s))
+    assert got.shape == (5,)
+    torch.testing.assert_close(got, hand, rtol=1e-10, atol=0)
+
+
+def test_unlabelled_elbo_of_given_bounds_in_chunks_and_in_eval_mode():
+    r"""``per_class`` given: no draw; 1030 points cross the 1024-point chunk; the classifier has
+    dropout, off in eval mode, and the model's mode comes back."""
+    model = _ssvae(label_guide_args={"dropout": 0.5})
+    x = _points(1030)
+    per_class = torch.randn(
+        1030, K, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    model.eval()
+    with torch.no_grad():
+        hand = _hand_unlabelled(model, x, per_class)
+    for mode in (True, False):
+        model.train(mode)
+        got = model.unlabelled_elbo(x, per_class=per_class)
+        assert model.training is mode and model.label_guide.training is mode
+        torch.testing.assert_close(got, hand, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_log_likelihood_is_logsumexp_over_classes_of_the_log_mean_weight(seed):
+    model, x, s = _ssvae(), _points(5), 6
+    pyro.set_rng_seed(seed)
+    ll = model.log_likelihood(x, s, chunk_size=s)
+    pyro.set_rng_seed(seed)
+    joint = model.log_joint_per_class(x, s, chunk_size=s)
+    pyro.set_rng_seed(seed)
+    with torch.no_grad():
+        hand_ll, hand_joint = _hand_log_likelihood(model, x, s)
+    assert ll.shape == (5,) and joint.shape == (5, K)
+    torch.testing.assert_close(joint, hand_joint, rtol=1e-10, atol=0)
+    torch.testing.assert_close(ll, hand_ll, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "chunk_size", "batch_size"), [(1, 1, 256), (7, 3, 2), (5, 100, 1), (4, 2, 3)]
+)
+def test_blind_model_bounds_equal_the_closed_form_for_any_samples_chunks_and_batches(
+    num_samples, chunk_size, batch_size
+):
+    r"""Every weight is :math:`\log p(x, k)`: the per-class ELBO and :math:`\log \hat p(x, k)`
+    are exact, :math:`\log \hat p(x) = \operatorname{logsumexp}_k \log p(x, k)`, whatever the
+    batches (7 points in batches of 1, 2, 3 or one), samples and chunks."""
+    model = _blind(_ssvae())
+    x = _points(7)
+    with torch.no_grad():
+        known = _known_log_joint(model, x)
+    joint = model.log_joint_per_class(x, num_samples, chunk_size, batch_size)
+    elbo = model.elbo_per_class(x, num_samples, batch_size)
+    torch.testing.assert_close(joint, known, rtol=1e-12, atol=0)
+    torch.testing.assert_close(elbo, known, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        model.log_likelihood(x, num_samples, chunk_size, batch_size),
+        torch.logsumexp(known, -1), rtol=1e-12, atol=0,
+    )  # fmt: skip
+
+
+def test_per_class_batching_equals_one_batch_and_runs_in_eval_mode():
+    """The encoder has dropout: the bounds are those of eval mode; the mode comes back."""
+    model = _blind(_ssvae(encoder_args={"dropout": 0.5}))
+    x = _points(7)
+    model.eval()
+    with torch.no_grad():
+        known = _known_log_joint(model, x)
+    model.train()
+    one = model.elbo_per_class(x, 3, batch_size=7)
+    assert model.training and model.encoder.training
+    for b in (1, 2, 3, 6):
+        # (batches of other sizes round the matrix products differently: ~1e-15)
+        torch.testing.assert_close(
+            model.elbo_per_class(x, 3, batch_size=b), one, rtol=1e-13, atol=0
+        )
+    torch.testing.assert_close(one, known, rtol=1e-12, atol=0)
+    model.eval()
+    model.elbo_per_class(x, 3, batch_size=2)
+    assert not model.training and not model.encoder.training
+
+
+def test_per_class_calls_fn_on_every_batch_and_class_in_order():
+    model = _ssvae()
+    model.train()
+    x = torch.arange(7, dtype=torch.float64)[:, None].expand(7, D)
+    calls = []
+
+    def fn(xb, yk):
+        calls.append((xb[:, 0].tolist(), yk.tolist(), yk.dtype, model.training))
+        return xb[:, 0] * 10 + yk
+
+    out = model._per_class(x, 3, fn)
+    expected = torch.tensor([[10.0 * i + k for k in range(K)] for i in range(7)], dtype=x.dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    batches = [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0], [6.0]]
+    assert calls == [(b, [k] * len(b), torch.long, False) for b in batches for k in range(K)]
+    assert model.training
+
+
+def test_predict_is_the_argmax_of_the_eval_logits_in_batches():
+    model = _ssvae(label_guide_args={"dropout": 0.5})
+    x = _points(11)
+    model.eval()
+    with torch.no_grad():
+        logits = model.label_guide(x)
+    hand = torch.tensor([max(range(K), key=lambda k, r=row: float(r[k])) for row in logits])
+    for mode in (True, False):
+        model.train(mode)
+        for b in (1, 4, 1024):
+            assert torch.equal(model.predict(x, batch_size=b), hand)
+        assert model.training is mode and model.label_guide.training is mode
+
+
+def test_posterior_mean_is_the_encoder_mean_for_the_given_label():
+    model, x = _ssvae(), _points(5)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    h = model.encoder.features(x)
+    raw = model.encoder.head(torch.cat([h, F.one_hot(y, K).double()], -1))
+    torch.testing.assert_close(model.posterior_mean(x, y), raw[:, :2], rtol=1e-12, atol=0)
+
+
+class _PlantedLogits(torch.nn.Module):
+    """A classifier whose logits are its input in eval mode (and their negation in train)."""
+
+    def forward(self, x):
+        return x if not self.training else -x
+
+
+def test_labelled_accuracy_on_planted_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1030, K, generator=g)  # across the 1024-point chunk
+    y = torch.randint(0, K, (1030,), generator=g)
+    hand = sum(int(logits[i].argmax()) == int(y[i]) for i in range(1030)) / 1030
+    classifier = _PlantedLogits()
+    for mode in (True, False):
+        classifier.train(mode)
+        assert labelled_accuracy(classifier, logits, y) == pytest.approx(hand, rel=1e-6)
+        assert classifier.training is mode
+    right = logits.argmax(-1)
+    assert labelled_accuracy(classifier, logits, right) == 1.0
+    assert labelled_accuracy(classifier, logits, (right + 1) % K) == 0.0
+
+
+def _hand_confusion(pred, y, k):
+    c = np.zeros((k, k), dtype=np.int64)
+    for t, p in zip(y.tolist(), pred.tolist(), strict=True):
+        c[t, p] += 1
+    return c
+
+
+def test_confusion_counts_and_per_class_accuracy_by_hand():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (50,), generator=g)
+    y[y == 2] = 3  # class 2 has no point
+    pred = torch.randint(0, 4, (50,), generator=g)
+    c = confusion_counts(pred, y, 4)
+    np.testing.assert_array_equal(c, _hand_confusion(pred, y, 4))
+    assert c.shape == (4, 4) and c.sum() == 50
+    names = ["a", "b", "c", "d"]
+    acc = per_class_accuracy(c, names)
+    for i, name in enumerate(names):
+        rows = [j for j in range(50) if int(y[j]) == i]
+        if not rows:
+            assert acc[name] is None
+        else:
+            assert acc[name] == sum(int(pred[j]) == i for j in rows) / len(rows)
+    assert list(acc) == names
+    # the highest class alone: the last cell
+    np.testing.assert_array_equal(
+        confusion_counts(torch.tensor([3]), torch.tensor([3]), 4),
+        np.eye(4, dtype=np.int64)[3:4].T @ np.eye(4, dtype=np.int64)[3:4],
+    )
+
+
+def _se(v):
+    v = np.asarray(v, dtype=np.float64)
+    return float(np.std(v, ddof=1) / np.sqrt(len(v)))
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_evaluation_metrics_by_hand(labelled):
+    r"""The ELBO's draws first (``elbo_samples`` per class), then the log-likelihood's."""
+    model, x = _ssvae(), _points(6)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    names = ["zero", "one", "two"]
+    s_e, s_l = 3, 5
+    model.train()
+    pyro.set_rng_seed(8)
+    ev = evaluation_metrics(
+        model, x, y if labelled else None, names, elbo_samples=s_e, log_likelihood_samples=s_l
+    )
+    assert not model.training
+    pyro.set_rng_seed(8)
+    with torch.no_grad():
+        per_class = _hand_per_class_elbo(model, x, s_e)
+        u = _hand_unlabelled(model, x, per_class)
+        ll, _ = _hand_log_likelihood(model, x, s_l)
+        logits = model.label_guide(x)
+    pred = logits.argmax(-1)
+    m = ev.metrics
+    assert m["test_elbo"] == pytest.approx(float(u.mean()), rel=1e-10)
+    assert m["test_elbo_se"] == pytest.approx(_se(u), rel=1e-8)
+    assert m["test_log_likelihood"] == pytest.approx(float(ll.mean()), rel=1e-10)
+    assert m["test_log_likelihood_se"] == pytest.approx(_se(ll), rel=1e-8)
+    assert m["test_bits_per_dim"] == pytest.approx(-float(ll.mean()) / (D * np.log(2)), rel=1e-10)
+    assert (m["elbo_samples"], m["log_likelihood_samples"], m["num_test_points"]) == (s_e, s_l, 6)
+    assert "nats per data point" in m["units"]
+    torch.testing.assert_close(ev.scores.elbo, u, rtol=1e-10, atol=0)
+    torch.testing.assert_close(ev.scores.log_likelihood, ll, rtol=1e-10, atol=0)
+    assert ev.scores.num_samples == s_l
+    assert torch.equal(ev.predictions, pred)
+    if labelled:
+        lab = [float(per_class[i, int(y[i])]) for i in range(6)]
+        assert m["test_elbo_labelled"] == pytest.approx(sum(lab) / 6, rel=1e-10)
+        hand_c = _hand_confusion(pred, y, K)
+        np.testing.assert_array_equal(ev.confusion, hand_c)
+        assert m["confusion_matrix"] == hand_c.tolist()
+        assert m["test_accuracy"] == pytest.approx(float((pred == y).double().mean()), rel=1e-7)
+        assert m["per_class_accuracy"] == {
+            n: float(hand_c[i, i]) / hand_c[i].sum() for i, n in enumerate(names)
+        }
+        assert "test_elbo_labelled: L(x, y) at the true label" in m["elbo_definitions"]
+    else:
+        assert ev.confusion is None
+        for key in ("test_accuracy", "per_class_accuracy", "confusion_matrix",
+                    "test_elbo_labelled"):  # fmt: skip
+            assert key not in m
+        assert "test_elbo_labelled" not in m["elbo_definitions"]
+    assert m["elbo_definitions"].startswith("test_elbo: unlabelled bound U(x)")
+    assert "test_log_likelihood: log p(x) = logsumexp_y" in m["elbo_definitions"]
+
+
+def test_evaluation_metrics_of_one_point_has_no_standard_error():
+    model, x = _ssvae(), _points(1)
+    m = evaluation_metrics(model, x, torch.tensor([1]), ["a", "b", "c"], elbo_samples=2,
+                           log_likelihood_samples=2).metrics  # fmt: skip
+    assert np.isnan(m["test_elbo_se"]) and np.isnan(m["test_log_likelihood_se"])
+    assert np.isfinite(m["test_elbo"]) and m["num_test_points"] == 1
