@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 from fractions import Fraction
 
 import mpmath
@@ -20,6 +21,7 @@ import pyro
 import pytest
 import torch
 from scipy import integrate, special
+from torch.distributions import constraints
 
 from ppl_vae.models.distributions.continuous_bernoulli import (
     TAYLOR_THRESHOLD,
@@ -28,7 +30,12 @@ from ppl_vae.models.distributions.continuous_bernoulli import (
     cb_log_normalizer,
     cb_mean,
 )
-from ppl_vae.models.distributions.discretized_logistic import GRID_TOLERANCE, DiscretizedLogistic
+from ppl_vae.models.distributions.discretized_logistic import (
+    GRID_TOLERANCE,
+    DiscretizedLogistic,
+    check_num_levels,
+)
+from ppl_vae.models.distributions.family import NormalOnSupport
 from ppl_vae.models.distributions.normal import Normal
 from ppl_vae.models.distributions.spike_and_slab import (
     PARTS_ATTR,
@@ -36,6 +43,7 @@ from ppl_vae.models.distributions.spike_and_slab import (
     SpikeAndSlab,
 )
 from ppl_vae.models.distributions.von_mises import ReparameterizedVonMises, von_mises_cdf
+from ppl_vae.models.errors import ConfigError
 
 mpmath.mp.dps = 40
 F64 = torch.float64
@@ -308,6 +316,101 @@ def test_discretized_logistic_support_tolerance_is_inclusive() -> None:
     assert d.support.check(value).tolist() == [True, False]
 
 
+def _logistic_bin_log_mass(x: float, loc: float, scale: float, levels: int) -> float:
+    """log(sigma((x + h - loc)/s) - sigma((x - h - loc)/s)) for an interior level, Python floats."""
+    h = 0.5 / (levels - 1)
+    sig = lambda t: 1.0 / (1.0 + math.exp(-t))  # noqa: E731
+    return math.log(sig((x + h - loc) / scale) - sig((x - h - loc) / scale))
+
+
+_ROW, _ROWS = [0.2, 0.5, 0.7], [[0.2, 0.5, 0.7], [0.3, 0.45, 0.6]]
+_SROW, _SROWS = [0.1, 0.2, 0.3], [[0.1, 0.2, 0.3], [0.3, 0.25, 0.15]]
+
+
+@pytest.mark.parametrize(("loc", "scale"), [(_ROWS, _SROW), (_ROW, _SROWS), (_ROWS, _SROWS)])
+def test_discretized_logistic_broadcasts_loc_and_scale(loc: list, scale: list) -> None:
+    """One component: batch shape is the broadcast of loc and scale, parameters are stored as
+    ``(*batch, 1)`` and log P(x) is the logistic bin mass (Python floats, 1e-12, float64).
+
+    Kills DiscretizedLogistic.__init__ 7, 8, 9, 10, 11.
+    """
+    loc_t, scale_t = torch.tensor(loc, dtype=F64), torch.tensor(scale, dtype=F64)
+    d = DiscretizedLogistic(loc_t, scale_t, num_levels=17)
+    assert d.batch_shape == (2, 3) and d.num_mixtures == 1
+    assert d.loc.shape == d.scale.shape == d.mixture_logits.shape == (2, 3, 1)
+    m, s = torch.broadcast_tensors(loc_t, scale_t)
+    ref = [[_logistic_bin_log_mass(0.5, mu, sd, 17) for mu, sd in zip(*r)] for r in zip(m, s)]
+    got = d.log_prob(torch.full((2, 3), 0.5, dtype=F64))
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=F64), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("big", ["loc", "scale", "mixture_logits"])
+def test_discretized_logistic_mixture_broadcasts_its_arguments(big: str) -> None:
+    """A 3-component mixture where one argument carries the batch dimension: batch shape (2,)
+    and log P(x) = log sum_m pi_m P_m(x) in Python floats (1e-12, float64).
+
+    Kills DiscretizedLogistic.__init__ 27, 28.
+    """
+    args = {"loc": _ROW, "scale": _SROW, "mixture_logits": [0.0, 1.0, -0.5]}
+    rows = {"loc": _ROWS, "scale": _SROWS, "mixture_logits": [[0.0, 1.0, -0.5], [0.3, -1.0, 0.2]]}
+    args[big] = rows[big]
+    t = {k: torch.tensor(v, dtype=F64) for k, v in args.items()}
+    d = DiscretizedLogistic(t["loc"], t["scale"], num_levels=17, mixture_logits=t["mixture_logits"])
+    assert d.batch_shape == (2,) and d.num_mixtures == 3
+    ref = []
+    for b in range(2):
+        mu, sd, w = (torch.broadcast_to(t[k], (2, 3))[b].tolist() for k in t)
+        z = sum(math.exp(v) for v in w)
+        ref.append(
+            math.log(
+                sum(
+                    math.exp(wi) / z * math.exp(_logistic_bin_log_mass(0.5, mi, si, 17))
+                    for mi, si, wi in zip(mu, sd, w)
+                )
+            )
+        )
+    got = d.log_prob(torch.full((2,), 0.5, dtype=F64))
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=F64), rtol=1e-12, atol=0.0)
+
+
+def test_discretized_logistic_rejects_scalar_mixture_logits_and_defaults_to_8_bits() -> None:
+    """A scalar ``mixture_logits`` is rejected with a message naming it; without
+    ``num_levels`` the grid is the 256 levels k / 255 of 8-bit data.
+
+    Kills DiscretizedLogistic.__init__ 1 (default 257), 22, 23, 24, 25.
+    """
+    msg = r"^`mixture_logits` must have the component dimension last, got a scalar$"
+    with pytest.raises(ConfigError, match=msg):
+        DiscretizedLogistic(torch.zeros(2), torch.ones(2), mixture_logits=torch.tensor(0.0))
+    one = DiscretizedLogistic(
+        torch.tensor(_ROW), torch.tensor(_SROW), 17, mixture_logits=torch.tensor([0.0, 1.0, -0.5])
+    )  # a 1-D mixture_logits: one batch element's components
+    assert one.batch_shape == () and one.num_mixtures == 3
+    d = DiscretizedLogistic(torch.tensor(0.5), torch.tensor(0.1))
+    assert d.num_levels == 256
+    torch.testing.assert_close(
+        d.enumerate_support(), torch.tensor([k / 255 for k in range(256)]), atol=0.0, rtol=0.0
+    )
+
+
+@pytest.mark.parametrize("bad", [2.5, "abc", [17], True, 1, 0.0])
+def test_check_num_levels_rejects_what_is_not_an_integer_of_at_least_2(bad: object) -> None:
+    """Kills check_num_levels 9 (2.5 accepted as 2) and 10 ("abc" reaches ``int()``)."""
+    with pytest.raises(ConfigError, match=r"^`num_levels` must be an integer >= 2, got "):
+        check_num_levels(bad)
+    assert check_num_levels(17.0) == 17 and check_num_levels(2) == 2
+
+
+def test_check_num_levels_explains_a_missing_number_of_levels() -> None:
+    """Kills check_num_levels 3, 6, 7 (the message for None)."""
+    msg = (
+        "`num_levels` must be an integer >= 2, got None (the data set does not say how many "
+        "levels its values take: pass num_levels, or use a continuous likelihood)"
+    )
+    with pytest.raises(ConfigError, match=f"^{re.escape(msg)}$"):
+        check_num_levels(None)
+
+
 def test_discretized_logistic_grid_is_on_the_parameters_device(device: torch.device) -> None:
     """Only observable on CUDA (``pytest --device cuda``): would kill DiscretizedLogistic._grid
     7, 10 (``device`` dropped); on the CPU those are equivalent."""
@@ -359,6 +462,40 @@ def test_relaxed_spike_and_slab_exact_keeps_validate_args() -> None:
     with pyro.validation_enabled(True):
         q = RelaxedSpikeAndSlab(0.5, gate_logits=0.0, scale=-1.0, validate_args=False)
         assert isinstance(q.exact(), SpikeAndSlab)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_spike_and_slab_traversal_values_are_the_mixture_quantiles(dtype: torch.dtype) -> None:
+    """Checked through the mixture CDF F(z) = gamma Phi((z - mu)/sigma) + (1 - gamma) 1[z >= 0]
+    (SciPy): a nonzero value v has F(v) = q (1e-9 in float64; 1e-5 in float32, the parameters'
+    rounding), and exact zeros come where q lies in the spike [a, a + 1 - gamma],
+    a = gamma Phi(-mu/sigma) (within the documented 1e-6). Shape ``(Q, *batch)``.
+
+    Kills _SpikeAndSlabBase.traversal_values 1-20.
+    """
+    from scipy.stats import norm
+
+    gamma = torch.tensor([[0.3, 0.6, 0.9], [0.5, 0.2, 0.95]], dtype=dtype)
+    loc = torch.tensor([[0.5, -1.0, 0.1], [2.0, 0.0, -0.3]], dtype=dtype)
+    scale = torch.tensor([[0.7, 1.5, 0.2], [0.4, 1.0, 3.0]], dtype=dtype)
+    d = SpikeAndSlab(gate_probs=gamma, loc=loc, scale=scale)
+    qs = [0.02 + 0.08 * i for i in range(13)]
+    quantiles = torch.tensor(qs)  # float32, as the figures pass them
+    out = d.traversal_values(quantiles)
+    assert out.shape == (13, 2, 3) and out.dtype == dtype
+    tol = 1e-9 if dtype == F64 else 1e-5
+    for i, q in enumerate(quantiles.tolist()):
+        for b in range(2):
+            for k in range(3):
+                g, m, sd = (float(t[b, k]) for t in (gamma, loc, scale))
+                v = float(out[i, b, k])
+                if v == 0.0:
+                    a = g * norm.cdf(-m / sd)
+                    assert a - 1e-6 <= q <= a + 1 - g + 1e-6, (q, g, m, sd)
+                else:
+                    cdf = g * norm.cdf((v - m) / sd) + (1 - g) * (v > 0)
+                    assert abs(cdf - q) < tol, (q, v, g, m, sd)
+    assert bool((out == 0).any()) and bool((out != 0).any())
 
 
 def test_spike_and_slab_validation_error_names_the_open_interval() -> None:
@@ -477,3 +614,15 @@ def test_von_mises_figures_are_on_the_parameters_device(device: torch.device) ->
     (``device`` dropped from the arange); on the CPU those are equivalent."""
     d = ReparameterizedVonMises(torch.zeros(3, device=device), torch.ones(3, device=device))
     assert d.traversal_values(torch.linspace(0.1, 0.9, 4)).device == d.loc.device
+
+
+# -- variational families -------------------------------------------------------------------------
+def test_normal_on_support_prints_its_family() -> None:
+    """The module printout (the architecture a run records) names the family and, off the real
+    line, the support as torch prints it.
+
+    Kills NormalOnSupport.extra_repr 2, 3, 4.
+    """
+    assert repr(NormalOnSupport()) == "NormalOnSupport(Normal(loc, scale))"
+    on_positive = NormalOnSupport(constraints.positive)
+    assert repr(on_positive) == f"NormalOnSupport(Normal(loc, scale) on {constraints.positive})"
