@@ -297,3 +297,52 @@ def test_switched_off_every_term_is_pyros() -> None:
         kind.loss(x_l, y_l, x_u, 4, 8)
     assert kind.terms.steps == {"fast": 0, "pyro": 6}
     assert kind.terms.state == dict.fromkeys(TERMS)  # nothing probed
+
+
+def test_two_points_in_the_enumerated_term() -> None:
+    """A batch of two points: Pyro's packed ``(N, K)`` layout keeps both rows (only a plate of
+    size 1 is dropped)."""
+    model = make_model("enumerate")
+    x, _ = batch()
+    loss = make_loss(model, "enumerate")
+    loss.unlabelled(x[:2])
+    assert loss.state["unlabelled"] is True
+    assert_same(*fast_and_pyro(loss, "unlabelled", (x[:2],)))
+
+
+def _detached(d: dist.Distribution) -> dist.Distribution:
+    """``d`` of the same type without ``rsample``: ``has_rsample_(False)``, or for q(z | x, y),
+    an ``Independent`` whose base (a von Mises of the same location) has no ``rsample`` (Pyro's
+    plate cannot switch it off on an ``Independent``)."""
+    if isinstance(d, dist.Independent):
+        base = d.base_dist
+        return dist.VonMises(base.loc, base.scale.pow(-2)).to_event(d.reinterpreted_batch_ndims)
+    return d.has_rsample_(False)
+
+
+@pytest.mark.parametrize(
+    ("guide", "site"), [("enumerate", "z"), ("relaxed", "z"), ("relaxed", "y")]
+)
+def test_a_site_no_longer_reparameterised_sends_the_step_to_pyro(guide: str, site: str) -> None:
+    r"""After the probe, ``q(z | x, y)`` (or the relaxed ``q(y | x)``) comes back of the recorded
+    type but without ``rsample`` (``has_rsample_(False)``): Pyro's step, whose gradient is the
+    score-function one, not the pathwise gradient a fast ``rsample`` would give."""
+    model = make_model(guide)
+    loss = make_loss(model, guide)
+    x, _ = batch()
+    loss.unlabelled(x)
+    assert loss.state["unlabelled"] is True
+    if site == "z":
+        q_z = model.q_z
+        model.q_z = lambda x, y: _detached(q_z(x, y))
+    else:
+        guide_dist = model.label_guide.guide_dist
+        model.label_guide.guide_dist = lambda x: _detached(guide_dist(x))
+    fast, g_fast, ref, g_ref = fast_and_pyro(loss, "unlabelled", (x,))
+    assert loss.steps == {"fast": 0, "pyro": 2}
+    if (guide, site) == ("relaxed", "z"):
+        # the relaxed y was drawn before q(z | x, y) was checked: Pyro's step starts from a
+        # later RNG state, so only its finiteness (and the path taken) can be compared
+        assert torch.isfinite(fast) and all(g is None or bool(g.isfinite().all()) for g in g_fast)
+    else:
+        assert_same(fast, g_fast, ref, g_ref)

@@ -36,6 +36,7 @@ from ppl_vae.kinds.m2 import (
     labelled_accuracy,
     per_class_accuracy,
 )
+from ppl_vae.models.errors import ConfigError
 from ppl_vae.ssl import SSLConfig, build_ssvae
 
 K = 3  # classes
@@ -90,7 +91,8 @@ def _log_pz(model, z, y):
 def _labelled_elbo(model, x, y, seed):
     r""":math:`\log p(x|y,z) + \log p(y) + \log p(z) - \log q(z|x,y)`, one z per point."""
     onehot = F.one_hot(y, K).double()
-    pyro.set_rng_seed(seed)  # the kind's Trace_ELBO draws z from this state, first
+    if seed is not None:  # (None: from the RNG's current state)
+        pyro.set_rng_seed(seed)  # the kind's Trace_ELBO draws z from this state, first
     q = model.q_z(x, onehot)
     z = q.rsample()
     log_py = model.class_logits.log_softmax(-1)[y]
@@ -587,3 +589,152 @@ def test_evaluation_metrics_of_one_point_has_no_standard_error():
                            log_likelihood_samples=2).metrics  # fmt: skip
     assert np.isnan(m["test_elbo_se"]) and np.isnan(m["test_log_likelihood_se"])
     assert np.isfinite(m["test_elbo"]) and m["num_test_points"] == 1
+
+
+# -- the kind's set-up: labelled / unlabelled split, batches, dynamic binarisation, estimators ---
+
+
+def _split_kind(
+    n_l: int, n_u: int, *, dynamic: bool = False, guide: str = "enumerate", global_seed: int = 0,
+    **options,
+) -> M2Kind:  # fmt: skip
+    r"""A kind on 40 points (24 training) with ``n_l`` labelled and ``n_u`` unlabelled ones; with
+    ``dynamic`` the pixels are grey levels in {0, 1/3, 2/3, 1}. ``global_seed`` seeds torch's
+    global RNG just before the kind is built."""
+    torch.manual_seed(0)
+    model = build_ssvae((D,), K, likelihood="bernoulli", label_guide=guide, latent_dim=2,
+                        hidden_dims=(8,)).double()  # fmt: skip
+    rng = np.random.default_rng(0)
+    levels = 4 if dynamic else 2
+    x = (rng.integers(0, levels, size=(40, D)) / (levels - 1)).astype(np.float32)
+    ds = load_data(x, labels=np.arange(40) % K, val_fraction=0.2, test_fraction=0.2, seed=0)
+    cfg = SSLConfig(labels=max(n_l, K), label_guide=guide, num_classes=K, likelihood="bernoulli",
+                    latent_dim=2, hidden_dims=[8], device="cpu", **options)  # fmt: skip
+    splits = (ds.train_x.double(), ds.val_x.double(), ds.test_x.double())
+    assert n_l + n_u <= len(ds.train_x)
+    torch.manual_seed(global_seed)
+    return M2Kind(model, cfg, ds, splits, np.arange(n_l), np.arange(n_l, n_l + n_u), dynamic,
+                  torch.device("cpu"))  # fmt: skip
+
+
+@pytest.mark.parametrize(("n_u", "semi", "steps"), [(0, False, 2), (1, True, 1), (10, True, 3)])
+def test_semi_supervised_iff_there_are_unlabelled_points(n_u, semi, steps):
+    r"""An epoch is a pass over the unlabelled points (``ceil(N_u / B)`` steps), or without any a
+    pass over the labelled ones (``ceil(N_l / B_l)``); 6 labelled points, batches of 4."""
+    kind = _split_kind(6, n_u, batch_size=4)
+    assert kind.semi is semi
+    assert kind.steps_per_epoch() == steps
+    kind.start_epoch(0, torch.device("cpu"))
+    x_l, y_l, x_u, b_l, b_u = kind.batch(0, lambda idx: idx)
+    assert (len(x_l), b_l) == (4, 4)
+    assert (len(x_u), b_u) == ((min(n_u, 4),) * 2 if semi else (0, 1))
+    assert torch.isfinite(kind.loss(x_l, y_l, x_u, b_l, b_u))
+
+
+@pytest.mark.parametrize(
+    ("labelled_batch_size", "batch_size", "b_l"),
+    [(3, 8, 3), (None, 8, 6), (None, 4, 4), (50, 4, 6)],
+)
+def test_labelled_batch_size_and_passes_over_the_labelled_points(
+    labelled_batch_size, batch_size, b_l
+):
+    r""":math:`B_l` = ``labelled_batch_size`` (default ``batch_size``), at most :math:`N_l`; the
+    labelled batches are consecutive slices of one shuffle per pass."""
+    kind = _split_kind(6, 12, labelled_batch_size=labelled_batch_size, batch_size=batch_size)
+    assert kind.b_l == b_l
+    kind.start_epoch(0, torch.device("cpu"))
+    for b in range(3):
+        x_l, _, _, n, _ = kind.batch(b, lambda idx: idx)
+        assert n == b_l and len(x_l) == b_l
+    fresh = _split_kind(6, 12, labelled_batch_size=labelled_batch_size, batch_size=batch_size)
+    for _ in range(2):  # two passes: each a permutation of the labelled points
+        seen = [i for _ in range(6 // b_l) for i in fresh.labelled_batches.next().tolist()]
+        assert len(seen) == (6 // b_l) * b_l and len(set(seen)) == len(seen)
+        assert set(seen) <= set(range(6))
+
+
+def test_labelled_batches_are_fixed_by_the_seed_not_by_the_global_rng():
+    a, b = _split_kind(6, 12, global_seed=1), _split_kind(6, 12, global_seed=2)
+    torch.manual_seed(3)
+    first = [a.labelled_batches.next().tolist() for _ in range(5)]
+    torch.manual_seed(4)
+    second = [b.labelled_batches.next().tolist() for _ in range(5)]
+    assert first == second
+    for batch in first:
+        assert len(batch) == a.b_l and set(batch) <= set(range(6))
+
+
+def test_dynamic_labelled_evaluation_points_are_binarised_once_from_the_seed():
+    a, b = _split_kind(6, 12, dynamic=True, global_seed=1), _split_kind(6, 12, dynamic=True,
+                                                                       global_seed=2)  # fmt: skip
+    assert bool(((a.x_l > 0) & (a.x_l < 1)).any())  # grey levels to binarise
+    assert set(a.x_l_eval.unique().tolist()) <= {0.0, 1.0}
+    assert a.x_l_eval.shape == a.x_l.shape and a.x_l_eval.dtype == a.x_l.dtype
+    # black and white pixels stay, grey ones become 0 or 1, the same draw whatever the global RNG
+    sure = (a.x_l == 0) | (a.x_l == 1)
+    assert torch.equal(a.x_l_eval[sure], a.x_l[sure])
+    assert torch.equal(a.x_l_eval, b.x_l_eval)
+    static = _split_kind(6, 12)
+    assert static.x_l_eval is static.x_l
+    acc = static.validate()["labelled_accuracy"]
+    hand = (static.model.label_guide(static.x_l).argmax(-1) == static.y_l).double().mean()
+    assert acc == pytest.approx(float(hand))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_dynamic_step_loss_binarises_labelled_then_unlabelled_points(seed):
+    r"""With dynamic binarisation :math:`J` is that of Bernoulli draws of the grey pixels: the
+    labelled points', then (after the labelled bound's z) the unlabelled points'."""
+    kind = _split_kind(6, 12, dynamic=True)
+    model = kind.model
+    x_l, y_l, x_u = kind.x_l[:4], kind.y_l[:4], kind.x_u[:8]
+    b_l, b_u = 8, 16
+    pyro.set_rng_seed(seed)
+    loss = kind.loss(x_l, y_l, x_u, b_l, b_u)
+    pyro.set_rng_seed(seed)
+    xb_l = torch.bernoulli(x_l)
+    elbo_l = _labelled_elbo(model, xb_l, y_l, None)
+    log_q_y = model.label_guide(xb_l).log_softmax(-1).gather(1, y_l[:, None]).squeeze(1)
+    xb_u = torch.bernoulli(x_u)
+    elbo_u = _unlabelled_elbo(model, xb_u)
+    w_l, w_u = 6 / 18, 12 / 18
+    hand = w_l / b_l * (-elbo_l).sum() + 0.1 / b_l * (-log_q_y).sum() + w_u / b_u * (-elbo_u).sum()
+    assert kind.cfg.alpha == 0.1
+    torch.testing.assert_close(loss, hand, rtol=RTOL, atol=0)
+
+
+def test_a_chosen_estimator_must_match_the_label_guide():
+    r"""``estimator='enum'`` trains an enumerating guide (the labelled bound, without a y site,
+    stays ``Trace_ELBO`` and on the fast path); ``'trace'`` cannot, and ``'enum'`` cannot train
+    the relaxed guide."""
+    kind = _split_kind(6, 12, estimator="enum")
+    assert type(kind.labelled_elbo) is pyro.infer.Trace_ELBO
+    assert type(kind.unlabelled_elbo) is pyro.infer.TraceEnum_ELBO
+    assert type(kind.class_elbo) is pyro.infer.Trace_ELBO
+    assert kind.terms.state == dict.fromkeys(("labelled", "classification", "unlabelled"))
+    assert kind.estimator == "enum"
+    relaxed = _split_kind(6, 12, guide="relaxed", estimator="trace")
+    assert type(relaxed.labelled_elbo) is type(relaxed.unlabelled_elbo) is pyro.infer.Trace_ELBO
+    message = (
+        r"estimator 'trace' cannot train label guide 'enumerate': only 'enum' sums over an "
+        r"enumerated y, and only an enumerating guide \(estimator 'enum'\) enumerates it"
+    )
+    with pytest.raises(ConfigError, match=message):
+        _split_kind(6, 12, estimator="trace")
+    with pytest.raises(ConfigError, match=r"estimator 'enum' cannot train label guide 'relaxed'"):
+        _split_kind(6, 12, guide="relaxed", estimator="enum")
+
+
+def test_default_estimators_follow_the_label_guide():
+    kind = _split_kind(6, 12)
+    assert kind.estimator == "enum"
+    assert type(kind.labelled_elbo) is pyro.infer.Trace_ELBO
+    assert type(kind.unlabelled_elbo) is pyro.infer.TraceEnum_ELBO
+    sample = _split_kind(6, 12, guide="sample")
+    assert isinstance(sample.labelled_elbo, pyro.infer.TraceGraph_ELBO)
+
+
+def test_a_fresh_kind_has_no_baseline_and_no_predictions_yet():
+    kind = _split_kind(6, 12)
+    assert kind.baseline is None and kind.baseline_history == []
+    assert kind.predictions is None and kind.confusion is None
