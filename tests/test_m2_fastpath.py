@@ -346,3 +346,26 @@ def test_a_site_no_longer_reparameterised_sends_the_step_to_pyro(guide: str, sit
         assert torch.isfinite(fast) and all(g is None or bool(g.isfinite().all()) for g in g_fast)
     else:
         assert_same(fast, g_fast, ref, g_ref)
+
+
+def test_labels_without_the_last_class_reach_the_networks_one_hot_in_the_data_dtype() -> None:
+    """A labelled batch with no point of the last class: the fast path's one-hot labels are
+    still ``(N, K)`` in x's dtype, as ``SSVAE.one_hot`` makes them for Pyro's programs."""
+    model = make_model("enumerate")
+    loss = make_loss(model, "enumerate")
+    x, _ = batch()
+    y = torch.tensor([0, 1, 0, 1, 0])
+    loss.labelled(x, y)
+    assert loss.state["labelled"] is True
+    seen = []
+    forward = model.decoder.forward
+
+    def recording(h, y1):
+        seen.append((y1.dtype, tuple(y1.shape)))
+        return forward(h, y1)
+
+    model.decoder.forward = recording
+    out = fast_and_pyro(loss, "labelled", (x, y))
+    assert loss.steps["fast"] == 1
+    assert seen == [(x.dtype, (N, K))] * 2  # the fast step's, then Pyro's
+    assert_same(*out)
