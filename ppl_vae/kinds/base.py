@@ -77,6 +77,14 @@ class ModelKind:
     module: nn.Module
     shuffle: torch.Generator
 
+    @property
+    def step_paths(self) -> dict[str, int] | None:
+        """How many loss evaluations each implementation computed so far, ``{"fast": n,
+        "pyro": m}``, for a kind whose loss has a fused fast path beside Pyro's ELBO (a loss of
+        several terms adds ``"pyro_terms"``: how many of them the fast path does not serve);
+        None where it has one implementation."""
+        return None
+
     def __init__(self, module: nn.Module, seed: int) -> None:
         self.module = module
         self.shuffle = torch.Generator().manual_seed(seed)

@@ -324,6 +324,13 @@ class M2Kind(ModelKind):
 
     # -- objective ---------------------------------------------------------------------------
     @property
+    def step_paths(self) -> dict[str, int] | None:
+        """Term evaluations (labelled, unlabelled, classification) per implementation, and
+        ``pyro_terms``: the terms the fast path does not serve (Pyro's ELBO at every step)."""
+        off = [t for t, on in self.terms.state.items() if on is False]
+        return {**self.terms.steps, "pyro_terms": len(off)}
+
+    @property
     def fast(self) -> bool:
         """Use the fast path where it applies (:mod:`ppl_vae.inference.m2_fastpath`)."""
         return self.terms.fast

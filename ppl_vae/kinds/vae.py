@@ -82,6 +82,13 @@ class VAEKind(BatchedKind):
         self._free_bits = free_bits_loss(cfg, vae.model, vae.guide, elbo)
 
     # -- objective ---------------------------------------------------------------------------
+    @property
+    def step_paths(self) -> dict[str, int] | None:
+        if self._free_bits is not None:  # free bits: its own loss, no fused fast path
+            return None
+        steps = getattr(self._loss, "steps", None)  # a FastELBOLoss (trace, meanfield)
+        return dict(steps) if isinstance(steps, dict) else None
+
     def begin_step(self, s: StepState) -> None:
         self.vae.kl_scale = s.beta
         super().begin_step(s)

@@ -494,6 +494,7 @@ class RunRecord:
     #: Training steps computed by the fused fast path and by Pyro's ELBO (None: not counted).
     fast_path_steps: int | None = None
     pyro_steps: int | None = None
+    fast_path_partly: bool = False  # some terms of the loss ran Pyro's ELBO at every step
 
     @property
     def label(self) -> str:
@@ -503,22 +504,22 @@ class RunRecord:
         return f"{self.estimator} @ {self.label_guide}"
 
 
-class _StepPathCounter(Callback):
-    """After training: how many steps the kind's loss computed on the fast path and on Pyro.
-
-    ``fit``'s VAE kind trains with :func:`~ppl_vae.inference.fastpath.build_loss`'s loss: a
-    :class:`~ppl_vae.inference.fastpath.FastELBOLoss` (``trace``, ``meanfield``) counts its
-    steps per path; any other loss is Pyro's ELBO throughout (no fast steps).
-    """
+class StepPathCounter(Callback):
+    """After training: how many loss evaluations the kind computed on its fused fast path and
+    on Pyro (:attr:`~ppl_vae.kinds.base.ModelKind.step_paths`); a kind with one implementation
+    counts no fast steps. The VAE counts steps (``trace`` and ``meanfield`` have the fast path),
+    M2 its term evaluations (labelled, unlabelled, classification)."""
 
     def __init__(self) -> None:
         self.fast: int | None = None
         self.pyro: int | None = None
+        self.partly = False  # some terms of the loss ran Pyro's ELBO at every step
 
     def on_train_end(self, trainer: Trainer) -> None:
-        steps = getattr(getattr(trainer.kind, "_loss", None), "steps", None)
-        if isinstance(steps, dict):
+        steps = trainer.kind.step_paths
+        if steps is not None:
             self.fast, self.pyro = int(steps["fast"]), int(steps["pyro"])
+            self.partly = bool(steps.get("pyro_terms", 0)) and self.fast > 0
         else:
             self.fast, self.pyro = 0, None
 
@@ -561,7 +562,7 @@ def _run_one(job: RunJob) -> RunRecord:
     probe = _GradientProbe(
         elbo, batch, job.grad_points, job.grad_repeats, cfg.seed, on_call=read_memory
     )
-    counter = _StepPathCounter()
+    counter = StepPathCounter()
     try:
         result = fit(
             cfg,
@@ -576,6 +577,7 @@ def _run_one(job: RunJob) -> RunRecord:
         record.status = f"diverged: {e}"
         return record
     record.fast_path_steps, record.pyro_steps = counter.fast, counter.pyro
+    record.fast_path_partly = counter.partly
     record.history = [dict(h) for h in result.history]
     record.metrics = {
         k: v for k, v in result.metrics.items() if isinstance(v, int | float | str | bool)
@@ -1106,9 +1108,9 @@ def _row(r: RunRecord, meta: dict[str, Any]) -> dict[str, Any]:
     secs = [h["seconds"] for h in r.history]
     row["seconds_per_epoch"] = float(np.mean(secs)) if secs else nan
     row["train_seconds"] = float(np.sum(secs)) if secs else nan
-    if not m2:
-        row["fast_path"] = _fast_path_cell(r.fast_path_steps)
-        row["fast_path_steps"] = r.fast_path_steps if r.fast_path_steps is not None else nan
+    row["fast_path"] = _fast_path_cell(r.fast_path_steps, r.fast_path_partly)
+    row["fast_path_steps"] = r.fast_path_steps if r.fast_path_steps is not None else nan
+    row["pyro_steps"] = r.pyro_steps if r.pyro_steps is not None else nan
     for e in meta["grad_points"]:
         g = r.gradients.get(e, {})
         for group in meta["groups"]:
@@ -1134,11 +1136,12 @@ def _row(r: RunRecord, meta: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _fast_path_cell(fast_steps: int | None) -> str:
-    """``yes`` if training steps ran on the fused fast path, ``no`` if all ran Pyro's ELBO."""
+def _fast_path_cell(fast_steps: int | None, partly: bool = False) -> str:
+    """``yes`` if training steps ran on the fused fast path, ``no`` if all ran Pyro's ELBO,
+    ``partly`` if some of the loss's terms ran Pyro's ELBO at every step."""
     if fast_steps is None:
         return "n/a"
-    return "yes" if fast_steps > 0 else "no"
+    return ("partly" if partly else "yes") if fast_steps > 0 else "no"
 
 
 _NON_NUMERIC = (
@@ -1337,10 +1340,22 @@ def _markdown(res: CompareResult) -> str:
     if fast_column:
         notes.append(
             "Fast path: `yes` where the training steps after the first (validated) one ran the "
-            "fused fast path (ppl_vae/inference/fastpath.py: Pyro's loss and gradients, bit for "
-            "bit, without Pyro's tracing), `no` where every step ran Pyro's ELBO. Seconds per "
-            "epoch of a `yes` row and a `no` row differ by implementation as well as by "
-            "estimator (fast_path_steps in compare.csv counts the fast steps)."
+            "fused fast path ("
+            + ("ppl_vae/inference/m2_fastpath.py" if m2 else "ppl_vae/inference/fastpath.py")
+            + ": Pyro's loss and gradients, bit for bit, without Pyro's tracing), `no` where "
+            "every step ran Pyro's ELBO"
+            + (
+                ", `partly` where some of the step's terms ran Pyro's ELBO throughout."
+                if m2
+                else "."
+            )
+            + " Seconds per epoch of a `yes` row and a `no` row differ "
+            "by implementation as well as by estimator (fast_path_steps and pyro_steps in compare.csv count "
+            + (
+                "the fast term evaluations: labelled, unlabelled, classification)."
+                if m2
+                else "the fast steps)."
+            )
         )
     if "rss_train_increase_mb" in meta["memory_columns"]:
         notes.append(

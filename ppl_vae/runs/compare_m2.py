@@ -54,6 +54,7 @@ from ..training.setup import initialize_from_data, resolve_device
 from .compare import (
     RunJob,
     RunRecord,
+    StepPathCounter,
     canonical_estimator,
     gradient_statistics,
     maxrss_mb,
@@ -436,6 +437,7 @@ def run_m2(job: RunJob) -> RunRecord:
         job.reference,
         on_call=read_memory,
     )
+    counter = StepPathCounter()
     try:
         result = fit_ssl(
             cfg,
@@ -443,11 +445,13 @@ def run_m2(job: RunJob) -> RunRecord:
             quiet=job.quiet,
             dataset=job.dataset,
             figures=job.fit_figures,
-            callbacks=[probe],
+            callbacks=[probe, counter],
         )
     except TrainingError as e:
         record.status = f"diverged: {e}"
         return record
+    record.fast_path_steps, record.pyro_steps = counter.fast, counter.pyro
+    record.fast_path_partly = counter.partly
     record.history = [dict(h) for h in result.history]
     record.metrics = {
         k: v for k, v in result.metrics.items() if isinstance(v, int | float | str | bool)
