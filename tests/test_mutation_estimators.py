@@ -1,0 +1,411 @@
+r"""Estimator plumbing (``ppl_vae.inference.estimators``) that mutation testing found unchecked.
+
+The objectives are checked on a conjugate pair at its exact posterior, where every bound is
+:math:`\log p(x)` with zero variance, so values are compared with a closed form to float
+precision:
+
+.. math::
+    z \sim \mathcal{N}(0, I_D),\; x \mid z \sim \mathcal{N}(z, s^2 I_D),\;
+    q(z \mid x) = p(z \mid x) = \mathcal{N}\big(\tfrac{x}{1+s^2}, \tfrac{s^2}{1+s^2}\big),\;
+    \log p(x) = \log \mathcal{N}(x; 0, (1+s^2) I_D).
+
+The options of :func:`make_elbo` (particles, vectorisation, plate nesting, Pyro options) are
+checked against its docstring, once through ``make_elbo`` and once through the registry's
+builders called inside the test: the registry is built at import, and mutmut forks its test
+processes after the import, so only a builder called by a test is seen mutated there.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+
+from ppl_vae import ConfigError
+from ppl_vae.inference import estimators
+from ppl_vae.inference.estimators import (
+    IWAE_ELBO,
+    DifferentiableRenyi_ELBO,
+    DifferentiableTraceGraph_ELBO,
+    MeanField_ELBO,
+    TraceDReG_ELBO,
+    TraceSTL_ELBO,
+    estimator_names,
+    log_likelihood,
+    make_elbo,
+    parse_estimator,
+)
+
+X = torch.tensor([[0.5, -1.0], [1.5, 0.3], [-0.7, 2.0]])  # (N = 3, D = 2)
+NOISE = 0.5  # s
+
+
+def _model(x, *, noise):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[-1]), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, noise).to_event(1), obs=x)
+
+
+def _posterior(x, noise, loc_factor=1.0):
+    var = noise**2 / (1 + noise**2)
+    return dist.Normal(loc_factor * x / (1 + noise**2), math.sqrt(var)).to_event(1)
+
+
+def _guide(x, *, noise):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", _posterior(x, noise))
+
+
+def _log_evidence(x, noise):
+    """sum_n log N(x_n; 0, (1 + s^2) I)."""
+    var = 1 + noise**2
+    return float((-0.5 * x**2 / var - 0.5 * math.log(2 * math.pi * var)).sum())
+
+
+# --------------------------------------------------------------------------- loss_and_grads
+
+
+@pytest.mark.parametrize("spec", ["stl", "renyi:0.5", "iwae:3", "dreg:3"])
+def test_loss_and_grads_passes_keywords_and_skips_backward_without_parameters(spec):
+    """The model's keyword arguments reach it; with no parameter to differentiate (plain tensors)
+    the loss is returned without a ``backward`` (which would raise), and at the exact posterior
+    it is -log p(x) exactly."""
+    elbo = make_elbo(spec, num_particles=2)
+    loss = elbo.loss_and_grads(_model, _guide, X, noise=NOISE)
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(-_log_evidence(X, NOISE), rel=1e-5, abs=1e-5)
+
+
+def test_loss_and_grads_honours_retain_graph():
+    """``retain_graph=True`` (a Pyro ELBO option) keeps the graph: a tensor computed before the
+    step, from which the guide's location is made, can be differentiated again afterwards."""
+    w = torch.tensor(0.0, requires_grad=True)
+    factor = w.exp()  # exp saves its output: freed by a backward that does not retain the graph
+
+    def guide(x, *, noise):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", _posterior(x, noise, loc_factor=factor))
+
+    make_elbo("stl", retain_graph=True).loss_and_grads(_model, guide, X, noise=NOISE)
+    grad_of_step = w.grad.clone()
+    factor.backward()  # raises "Trying to backward through the graph a second time" if freed
+    torch.testing.assert_close(w.grad - grad_of_step, torch.tensor(1.0))  # d exp(w) / dw at 0
+
+
+def _nan_warnings_from_this_package(run):
+    with pyro.validation_enabled(False), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [
+        str(w.message)
+        for w in caught
+        if str(w.message).startswith("Encountered NaN") and w.filename.endswith("estimators.py")
+    ]
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        lambda x: make_elbo("stl").loss_and_grads(_model, _guide, x, noise=NOISE),
+        lambda x: make_elbo("tracegraph").differentiable_loss(_model, _guide, x, noise=NOISE),
+    ],
+    ids=["stl loss_and_grads", "tracegraph differentiable_loss"],
+)
+def test_a_nan_loss_is_reported_as_the_loss(step):
+    x = X.clone()
+    x[0, 0] = float("nan")
+    messages = _nan_warnings_from_this_package(lambda: step(x))
+    assert messages and all(m == "Encountered NaN: loss" for m in messages), messages
+
+
+def test_tracegraph_without_sample_sites_is_a_one_line_error():
+    def empty(x):
+        pass
+
+    with pytest.raises(ConfigError) as info:
+        make_elbo("tracegraph").differentiable_loss(empty, empty, X)
+    assert str(info.value) == "the model and guide have no sample sites: nothing to estimate"
+
+
+# --------------------------------------------------------------------------- make_elbo options
+
+CLASSES = {
+    "trace": Trace_ELBO,
+    "meanfield": MeanField_ELBO,
+    "tracegraph": DifferentiableTraceGraph_ELBO,
+    "enum": TraceEnum_ELBO,
+    "stl": TraceSTL_ELBO,
+    "renyi": DifferentiableRenyi_ELBO,
+    "iwae": IWAE_ELBO,
+    "dreg": TraceDReG_ELBO,
+}
+PLAIN = ["trace", "meanfield", "tracegraph", "enum", "stl"]
+WEIGHTED = ["iwae", "dreg"]
+
+
+def _via_builders_now(spec, num_particles=1, vectorize_particles=None, max_plate_nesting=1, **kw):
+    """What ``make_elbo`` does, with the registry's builder made inside the test."""
+    name, arg = parse_estimator(spec)
+    if name in PLAIN:
+        build = estimators._build_plain(CLASSES[name])
+    elif name in WEIGHTED:
+        build = estimators._build_weighted(CLASSES[name])
+    else:
+        build = estimators._build_renyi
+    return build(arg, num_particles, vectorize_particles, max_plate_nesting, kw)
+
+
+@pytest.fixture(params=["make_elbo", "builders called now"])
+def build(request):
+    return make_elbo if request.param == "make_elbo" else _via_builders_now
+
+
+def test_every_estimator_is_its_class():
+    assert sorted(CLASSES) == estimator_names()
+    for name, cls in CLASSES.items():
+        assert type(make_elbo(name)) is cls
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_a_plain_estimator_vectorises_several_particles_by_default(build, name):
+    one = build(name)
+    assert one.num_particles == 1 and one.vectorize_particles is False
+    assert one.max_plate_nesting == 1
+    two = build(name, num_particles=2)
+    assert two.num_particles == 2 and two.vectorize_particles is True
+    assert build(name, num_particles=2, vectorize_particles=False).vectorize_particles is False
+    assert build(name, num_particles=1, vectorize_particles=True).vectorize_particles is True
+    assert build(name, max_plate_nesting=3).max_plate_nesting == 3
+    assert build(name, strict_enumeration_warning=False).strict_enumeration_warning is False
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_an_importance_weighted_estimator_takes_k_from_the_spec_then_num_particles(build, name):
+    default = build(name)
+    assert default.num_particles == 5 and default.vectorize_particles is True
+    assert default.max_plate_nesting == 2  # the data plate and, to its left, the particles
+    assert build(name, num_particles=2).num_particles == 2
+    assert build(name, num_particles=4).num_particles == 4
+    assert build(f"{name}:3", num_particles=2).num_particles == 3
+    assert build(f"{name}:3").num_particles == 3
+    sequential = build(name, vectorize_particles=False, max_plate_nesting=3)
+    assert sequential.vectorize_particles is False and sequential.max_plate_nesting == 3
+    assert build(name, strict_enumeration_warning=False).strict_enumeration_warning is False
+
+
+def test_renyi_takes_alpha_from_the_spec_and_passes_pyro_options(build):
+    assert build("renyi").alpha == 0.5
+    assert build("renyi:0.2").alpha == 0.2
+    assert build("renyi:-1").alpha == -1.0
+    assert build("renyi", strict_enumeration_warning=False).strict_enumeration_warning is False
+
+
+def test_renyi_alpha_reaches_the_value():
+    r"""With fixed draws the K-particle bound is :math:`\frac{1}{1-\alpha}\log\frac1K\sum_k
+    w_k^{1-\alpha}`, summed over data points: the hand computation from the same draws."""
+    loc_factor = 0.3  # away from the posterior, so the bound depends on alpha
+
+    def guide(x, *, noise):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", _posterior(x, noise, loc_factor))
+
+    k, alpha = 4, 0.2
+    pyro.set_rng_seed(3)
+    loss = make_elbo(f"renyi:{alpha}", num_particles=k).differentiable_loss(
+        _model, guide, X, noise=NOISE
+    )
+    pyro.set_rng_seed(3)
+    q = _posterior(X, NOISE, loc_factor)
+    z = q.base_dist.expand((k, *X.shape)).rsample()  # the particle plate, as the guide draws
+    log_w = (
+        dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        + dist.Normal(z, NOISE).log_prob(X).sum(-1)
+        - q.base_dist.log_prob(z).sum(-1)
+    )  # (K, N)
+    bound = (torch.logsumexp((1 - alpha) * log_w, 0) - math.log(k)) / (1 - alpha)
+    torch.testing.assert_close(loss, -bound.sum(), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- log_likelihood
+
+
+def test_log_likelihood_defaults_to_1000_samples_in_chunks_of_100():
+    """The documented defaults, and at the exact posterior the estimate is log p(x) exactly."""
+    particles = []
+
+    def guide(x, *, noise):
+        with pyro.plate("data", x.shape[0]):
+            particles.append(pyro.sample("z", _posterior(x, noise)).shape[0])
+
+    estimate = log_likelihood(_model, guide, X, noise=NOISE)
+    assert particles == [100] * 10
+    var = 1 + NOISE**2
+    exact = (-0.5 * X**2 / var - 0.5 * math.log(2 * math.pi * var)).sum(-1)
+    torch.testing.assert_close(estimate, exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [True, False, 1.5, "1", None])
+def test_log_likelihood_rejects_a_max_plate_nesting_that_is_not_a_positive_integer(bad):
+    with pytest.raises(ConfigError) as info:
+        log_likelihood(_model, _guide, X, noise=NOISE, num_samples=2, max_plate_nesting=bad)
+    message = str(info.value)
+    assert "`max_plate_nesting` must be a positive integer" in message
+    assert f"got {bad!r}" in message and len(message.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- STL and DReG
+
+
+@pytest.mark.parametrize("spec", ["stl", "dreg:3"])
+def test_a_guide_site_without_rsample_is_a_one_line_error_naming_the_estimator(spec):
+    def guide(x, *, noise):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(torch.full_like(x, 0.5)).to_event(1))
+
+    with pytest.raises(ConfigError) as info:
+        make_elbo(spec).differentiable_loss(_model, guide, X, noise=NOISE)
+    name = spec.partition(":")[0]
+    assert str(info.value) == (
+        f"estimator '{name}' needs reparameterisable guide sites, but site 'z' (Independent) "
+        "has no rsample; use 'trace' or 'tracegraph' for score-function gradients"
+    )
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vectorised", "sequential"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_iwae_and_dreg_values_are_log_p_x_at_the_exact_posterior(k, vectorize):
+    """Every importance weight is p(x), so the K-particle bound is log p(x) whatever K, with or
+    without vectorised particles (the dreg value also under torch.no_grad, as in evaluation)."""
+    exact = -_log_evidence(X, NOISE)
+    for spec in (f"iwae:{k}", f"dreg:{k}"):
+        elbo = make_elbo(spec, vectorize_particles=vectorize)
+        loss = elbo.differentiable_loss(_model, _guide, X, noise=NOISE)
+        assert float(loss) == pytest.approx(exact, rel=1e-5, abs=1e-5), spec
+        with torch.no_grad():
+            loss = elbo.differentiable_loss(_model, _guide, X, noise=NOISE)
+        assert float(loss) == pytest.approx(exact, rel=1e-5, abs=1e-5), spec
+
+
+FEATURE_LOC = torch.tensor([0.3, -0.5, 0.8])  # q(z_n) = N(c_n, 0.7^2), away from the posterior
+
+
+def _feature_model(xt):
+    """One scalar z per point (data plate, dim -1), x_dn ~ N(z_n, s^2) in a features plate at
+    dim -2 that z is not in: the features must be summed before the particles are combined."""
+    with pyro.plate("data", xt.shape[1], dim=-1):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("features", xt.shape[0], dim=-2):
+            pyro.sample("x", dist.Normal(z, NOISE), obs=xt)
+
+
+def _feature_guide(loc):
+    def guide(xt):
+        with pyro.plate("data", xt.shape[1], dim=-1):
+            pyro.sample("z", dist.Normal(loc, 0.7))
+
+    return guide
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vectorised", "sequential"])
+def test_dreg_sums_a_plate_that_not_every_site_is_in(vectorize):
+    xt = X.T  # (D = 2, N = 3)
+    loc = FEATURE_LOC.clone().requires_grad_()  # a gradient, so the DReG hooks are built
+    k = 4
+    pyro.set_rng_seed(9)
+    elbo = make_elbo(f"dreg:{k}", vectorize_particles=vectorize, max_plate_nesting=2)
+    loss = elbo.differentiable_loss(_feature_model, _feature_guide(loc), xt)
+    loss.backward()
+    assert loc.grad is not None and torch.isfinite(loc.grad).all()
+    pyro.set_rng_seed(9)
+    q = dist.Normal(FEATURE_LOC, 0.7)
+    z = q.expand((k, 1, 3)).rsample() if vectorize else torch.stack([q.rsample() for _ in range(k)])
+    z = z.reshape(k, 3)
+    log_w = (
+        dist.Normal(0.0, 1.0).log_prob(z)
+        + dist.Normal(z.unsqueeze(1), NOISE).log_prob(xt).sum(1)  # (K, N): the features summed
+        - q.log_prob(z)
+    )
+    iwae = (torch.logsumexp(log_w, 0) - math.log(k)).sum()
+    torch.testing.assert_close(loss.detach(), -iwae, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["dreg:2", "iwae:2"])
+def test_a_nan_loss_of_an_importance_weighted_bound_is_reported_as_the_loss(spec):
+    x = X.clone()
+    x[0, 0] = float("nan")
+    messages = _nan_warnings_from_this_package(
+        lambda: make_elbo(spec).differentiable_loss(_model, _guide, x, noise=NOISE)
+    )
+    assert messages and all(m == "Encountered NaN: loss" for m in messages), messages
+
+
+@pytest.mark.parametrize("spec", ["dreg:2", "iwae:2", "renyi:0.5"])
+def test_a_bound_without_sample_sites_is_a_one_line_error(spec):
+    def empty(x):
+        pass
+
+    with pytest.raises(ConfigError) as info:
+        make_elbo(spec).differentiable_loss(empty, empty, X)
+    assert str(info.value) == "the model and guide have no sample sites: nothing to estimate"
+
+
+# --------------------------------------------------------------------------- meanfield warnings
+
+
+def _scalar_pair(prior, posterior, names=("z",)):
+    """Scalar latent sites (no ``to_event``), so the site's types are the families themselves."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            for name in names:
+                pyro.sample(name, prior)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            for name in names:
+                pyro.sample(name, posterior)
+
+    return model, guide
+
+
+def _meanfield_warnings(elbo, *pairs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for model, guide in pairs:
+            elbo.differentiable_loss(model, guide, X)
+    return [str(w.message) for w in caught if "meanfield" in str(w.message)]
+
+
+def test_meanfield_warns_once_per_site_and_pair_of_types():
+    student, cauchy, gumbel = (
+        dist.StudentT(3.0, 0.0, 1.0),
+        dist.Cauchy(0.0, 1.0),
+        dist.Gumbel(0.0, 1.0),
+    )
+    messages = _meanfield_warnings(
+        make_elbo("meanfield"),
+        _scalar_pair(student, student),
+        _scalar_pair(student, student),  # the same pair again: no second warning
+        _scalar_pair(student, cauchy),  # another q at the same site
+        _scalar_pair(gumbel, student),  # another p at the same site
+        _scalar_pair(student, student, names=("z", "u")),  # a new site after a known one
+    )
+    assert messages == [
+        f"meanfield: no KL is registered for KL({q} || {p}) at site {site!r}; that term is "
+        "estimated by Monte Carlo (register one with pyro.distributions.kl.register_kl)"
+        for q, p, site in [
+            ("StudentT", "StudentT", "z"),
+            ("Cauchy", "StudentT", "z"),
+            ("StudentT", "Gumbel", "z"),
+            ("StudentT", "StudentT", "u"),
+        ]
+    ]
+
+
+def test_meanfield_takes_pyros_positional_options():
+    assert MeanField_ELBO(3).num_particles == 3
