@@ -11,7 +11,8 @@ equal to the for-loop one up to float rounding (``tests/test_optim.py``). Measur
 thread, ``optimizer.step()`` alone on the parameters of ``benchmarks/speed.py``'s networks
 (D -> 400 -> 2 x 20, 20 -> 400 -> D; mean of 500 steps): 0.28 -> 0.10 ms at D = 64,
 1.2-1.6 -> 0.35 ms at D = 784. Whole training steps: the "hand, fused Adam" row of
-``benchmarks/speed.py`` (1.12-1.17x the same loop with the default Adam).
+``benchmarks/speed.py`` (1.12-1.17x the same loop with the default Adam in an earlier session, 1.16-1.47x
+in the latest, on a loaded machine; README, "Performance").
 """
 
 from __future__ import annotations
