@@ -738,3 +738,27 @@ def test_a_fresh_kind_has_no_baseline_and_no_predictions_yet():
     kind = _split_kind(6, 12)
     assert kind.baseline is None and kind.baseline_history == []
     assert kind.predictions is None and kind.confusion is None
+
+
+def test_default_number_of_samples_of_the_elbo_is_10():
+    model, x = _ssvae(), _points(3)
+    pyro.set_rng_seed(9)
+    elbo, u = model.elbo_per_class(x), model.unlabelled_elbo(x)
+    pyro.set_rng_seed(9)
+    with torch.no_grad():
+        hand_elbo = _hand_per_class_elbo(model, x, 10)
+        hand_u = _hand_unlabelled(model, x, _hand_per_class_elbo(model, x, 10))
+    torch.testing.assert_close(elbo, hand_elbo, rtol=1e-10, atol=0)
+    torch.testing.assert_close(u, hand_u, rtol=1e-10, atol=0)
+
+
+def test_default_number_of_samples_of_log_p_is_100():
+    model, x = _ssvae(), _points(2)
+    pyro.set_rng_seed(9)
+    joint = model.log_joint_per_class(x)
+    pyro.set_rng_seed(9)
+    with torch.no_grad():
+        hand_ll, hand_joint = _hand_log_likelihood(model, x, 100)
+    torch.testing.assert_close(joint, hand_joint, rtol=1e-10, atol=0)
+    pyro.set_rng_seed(9)
+    torch.testing.assert_close(model.log_likelihood(x), hand_ll, rtol=1e-10, atol=0)
