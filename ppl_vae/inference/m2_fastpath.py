@@ -93,15 +93,13 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions.torch_distribution import (
     ExpandedDistribution,
-    MaskedDistribution,
-    TorchDistributionMixin,
 )
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.util import prune_subsample_sites
 
 from ..guides.labels.base import LabelGuide
 from ..models.likelihoods.bernoulli import BernoulliLikelihood
+from .fastpath import _entropy_term_is_log_prob, _sample_sites
 
 __all__ = ["TERMS", "M2Loss", "served_estimator"]
 
@@ -217,22 +215,6 @@ def _trace_loss(
 def _family(d: Any) -> type:
     """The type of ``d``, or of its base for Pyro's wrapper of classes without ``expand``."""
     return type(d.base_dist) if type(d) is ExpandedDistribution else type(d)
-
-
-def _entropy_term_is_log_prob(d: Any) -> bool:
-    """Pyro's ``score_parts`` of ``d`` is the default one: entropy term = ``log_prob``."""
-    while True:
-        if type(d).score_parts is TorchDistributionMixin.score_parts:
-            return True
-        if isinstance(d, (ExpandedDistribution, MaskedDistribution)):
-            d = d.base_dist
-            continue
-        return False
-
-
-def _sample_sites(trace: poutine.Trace) -> list[dict]:
-    trace = prune_subsample_sites(trace)
-    return [site for site in trace.nodes.values() if site["type"] == "sample"]
 
 
 def _pyro_scale(scale: float, n: int) -> float:
