@@ -189,7 +189,7 @@ class HandM2(nn.Module):
         self.k = model.num_classes
         self.log_py = model.class_logits.clone()
         self.guide = guide
-        self.w_l, self.w_u, self.alpha = kind.w_l, kind.w_u, float(kind.cfg.alpha)
+        self.w_l, self.w_u, self.alpha = kind.w_l, kind.w_u, float(kind.alpha)
         self.t0 = model.label_guide.__dict__.get("initial_temperature", 1.0)
         self.t1 = model.label_guide.__dict__.get("final_temperature", 1.0)
         self.temperature = self.t0

@@ -22,9 +22,12 @@ with :math:`\mathcal{L}(x, y)` the ELBO of a labelled point and
 unlabelled one. The last term is Kingma et al.'s auxiliary classification loss: their
 :math:`\alpha_\text{paper}\,\mathbb{E}_{\tilde p_l}[-\log q_\phi(y \mid x)]` added to the summed
 bound with :math:`\alpha_\text{paper} = 0.1 \cdot N`; divided by :math:`N` that is the term above
-with ``alpha`` :math:`= \alpha_\text{paper} / N = 0.1` (the default), i.e. a weight of
+with ``alpha`` :math:`= \alpha_\text{paper} / N = 0.1`, i.e. a weight of
 :math:`\alpha N / N_l` on each labelled point's :math:`-\log q_\phi(y \mid x)` relative to its
-ELBO. Each step draws one labelled and one unlabelled mini-batch and estimates :math:`J` without
+ELBO. The default, ``alpha = "auto"``, is :math:`\alpha = D` for data of D dimensions
+(:data:`ppl_vae.config.ALPHA_PER_DIMENSION`): the bound, and with it the signal the unlabelled
+term sends to :math:`q_\phi(y \mid x)`, grows with D, and the paper's 0.1 was set on binarised
+MNIST, whose bound is about 100 nats a point. Each step draws one labelled and one unlabelled mini-batch and estimates :math:`J` without
 bias.
 
 With every training example labelled (``labels="all"``) the unlabelled term vanishes and the model

@@ -698,8 +698,10 @@ def test_dynamic_step_loss_binarises_labelled_then_unlabelled_points(seed):
     xb_u = torch.bernoulli(x_u)
     elbo_u = _unlabelled_elbo(model, xb_u)
     w_l, w_u = 6 / 18, 12 / 18
-    hand = w_l / b_l * (-elbo_l).sum() + 0.1 / b_l * (-log_q_y).sum() + w_u / b_u * (-elbo_u).sum()
-    assert kind.cfg.alpha == 0.1
+    # the default weight, alpha = "auto": ALPHA_PER_DIMENSION (1) per data dimension, D = 4 here
+    alpha = 1.0 * D
+    hand = w_l / b_l * (-elbo_l).sum() + alpha / b_l * (-log_q_y).sum() + w_u / b_u * (-elbo_u).sum()
+    assert kind.cfg.alpha == "auto" and kind.alpha == alpha
     torch.testing.assert_close(loss, hand, rtol=RTOL, atol=0)
 
 

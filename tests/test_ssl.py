@@ -211,6 +211,9 @@ def _dataset_with_label(value: int):
         (dict(seed=-1), r"`seed` must be an integer in \[0, 2\*\*32\)"),
         (dict(baseline_dropout=1.0), r"`baseline_dropout` must be a number in \[0, 1\)"),
         (dict(baseline_lr=0.0), "`baseline_lr` must be a finite number > 0"),
+        (dict(alpha="big"), "`alpha` must be a finite number >= 0 or 'auto', got 'big'"),
+        (dict(alpha=-1.0), "`alpha` must be a finite number >= 0 or 'auto', got -1.0"),
+        (dict(alpha=True), "`alpha` must be a finite number >= 0 or 'auto', got True"),
     ],
 )
 def test_bad_input_raises_before_training(tmp_path, options, message):
@@ -518,3 +521,33 @@ def test_a_label_conditioned_prior_trains_reopens_and_samples_per_class(tmp_path
 
 def _constrained(state: dict, name: str) -> torch.Tensor:
     return state[name] if name in state else state[f"{name}_unconstrained"]
+
+
+@pytest.mark.parametrize(("alpha", "shape", "expected"),
+                         [("auto", (64,), 64.0), ("auto", (1, 14, 14), 196.0),
+                          ("auto", (3, 32, 32), 3072.0), (2.5, (1, 14, 14), 2.5), (0, (8,), 0.0)])
+def test_alpha_auto_is_one_per_data_dimension(alpha, shape, expected):
+    """``alpha = "auto"`` (the default) is 1 x D, D the product of the data's shape; a number is
+    taken as it is."""
+    from ppl_vae.config import resolve_alpha
+
+    assert SSLConfig().alpha == "auto"
+    assert resolve_alpha(alpha, shape) == expected
+
+
+def test_alpha_auto_on_the_cli_and_in_metrics(tmp_path, monkeypatch, capsys):
+    """``--alpha auto`` parses, and ``metrics.json`` gives the weight applied (D = 64 for
+    digits), the setting and the paper's alpha (times N); a word is refused in one line."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        _main(["ssl", "--alpha", "lots", "--out", "bad"], monkeypatch)
+    assert e.value.code == 2
+    assert "expected a weight (a number >= 0) or 'auto', got 'lots'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    argv = ["ssl", "--alpha", "auto", "--labels", "20", "--epochs", "1", "--max-train", "300",
+            "--latent-dim", "2", "--hidden-dims", "16", "--elbo-samples", "1", "--device", "cpu",
+            "--quiet", "--out", "run"]  # fmt: skip
+    assert _main(argv, monkeypatch) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["alpha"] == 64.0 and m["alpha_setting"] == "auto"
+    assert m["alpha_paper"] == pytest.approx(64.0 * (m["labels"] + m["unlabelled"]))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import ALPHA_PER_DIMENSION
 from ..models.errors import ConfigError
 from .common import (
     add_run_options,
@@ -33,6 +34,17 @@ def _labels(text: str) -> int | str:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a number of labelled examples or 'all', got {text!r}"
+        ) from None
+
+
+def _alpha(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a weight (a number >= 0) or 'auto', got {text!r}"
         ) from None
 
 
@@ -113,8 +125,9 @@ def register(subparsers: Any) -> None:
     )
     g.add_argument(
         "--alpha",
-        type=float,
-        help=f"classification loss weight, Kingma et al.'s alpha divided by N (default {d.alpha}, the paper's 0.1*N)",
+        type=_alpha,
+        help=f"classification loss weight, Kingma et al.'s alpha divided by N, or 'auto': "
+        f"{ALPHA_PER_DIMENSION:g} x the data's dimensions (default {d.alpha}; the paper's 0.1)",
     )
     g.add_argument("--class-probs", type=_float_list, help="p(y), comma list (default uniform)")
     g = groups["optimisation"]

@@ -42,6 +42,7 @@ import torch
 
 from ..components import build as build_component
 from ..components import spec_of
+from ..config import resolve_alpha
 from ..data import Dataset
 from ..guides.labels.base import LabelGuide
 from ..inference.estimators import make_elbo, parse_estimator
@@ -286,6 +287,8 @@ class M2Kind(ModelKind):
         self.terms = M2Loss(model, self.labelled_elbo, self.unlabelled_elbo, self.class_elbo)
         total = self.n_l + self.n_u
         self.w_l, self.w_u = self.n_l / total, self.n_u / total
+        #: the classification weight applied (``cfg.alpha``, or from D for ``"auto"``)
+        self.alpha = resolve_alpha(cfg.alpha, tuple(train_x.shape[1:]))
         self._perm = torch.zeros(0, dtype=torch.long)
         self.baseline: LabelGuide | None = None
         self.baseline_history: list[dict[str, float]] = []
@@ -355,7 +358,7 @@ class M2Kind(ModelKind):
                 x_l = torch.bernoulli(x_l)
             loss_l = terms.labelled(x_l, y_l) / b_l
             loss_c = terms.classification(x_l, y_l, 1.0 / b_l)
-        loss = self.w_l * loss_l + self.cfg.alpha * loss_c
+        loss = self.w_l * loss_l + self.alpha * loss_c
         if len(x_u):
             if self.dynamic:
                 x_u = torch.bernoulli(x_u)
@@ -412,8 +415,9 @@ class M2Kind(ModelKind):
             "labels": self.n_l,
             "labels_per_class": counts.tolist(),
             "unlabelled": self.n_u,
-            "alpha": cfg.alpha,
-            "alpha_paper": cfg.alpha * (self.n_l + self.n_u),
+            "alpha": self.alpha,
+            "alpha_setting": cfg.alpha,
+            "alpha_paper": self.alpha * (self.n_l + self.n_u),
             "best_epoch": int(best["epoch"]) if best else 0,
             "best_val_accuracy": best["val_accuracy"] if best else -1.0,
             "final_val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
