@@ -44,17 +44,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from ssl_digits import _map  # the same process pool (a sibling script)
 
 from ppl_vae.ssl import fit_ssl
 
@@ -101,16 +98,6 @@ def fashion_npz(root: str | None, cache: Path, full: bool = False) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, x=x[:, None], y=y)
     return out
-
-
-def _map(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[Any]:
-    """``map`` in ``workers`` fresh processes (one thread each), or here for ``workers == 1``."""
-    if workers <= 1:
-        return [fn(j) for j in jobs]
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads,
-                             initargs=(1,)) as ex:  # fmt: skip
-        return list(ex.map(fn, jobs))
 
 
 def _dims(data: str) -> int:

@@ -27,8 +27,8 @@ with ``alpha`` :math:`= \alpha_\text{paper} / N = 0.1`, i.e. a weight of
 ELBO. The default, ``alpha = "auto"``, is :math:`\alpha = D` for data of D dimensions
 (:data:`ppl_vae.config.ALPHA_PER_DIMENSION`): the bound, and with it the signal the unlabelled
 term sends to :math:`q_\phi(y \mid x)`, grows with D, and the paper's 0.1 was set on binarised
-MNIST, whose bound is about 100 nats a point. Each step draws one labelled and one unlabelled mini-batch and estimates :math:`J` without
-bias.
+MNIST, whose bound is about 100 nats a point. Each step draws one labelled and one unlabelled
+mini-batch and estimates :math:`J` without bias.
 
 With every training example labelled (``labels="all"``) the unlabelled term vanishes and the model
 is a conditional VAE (the classifier is still trained, by the auxiliary loss alone).
