@@ -1,0 +1,72 @@
+"""benchmarks/ssl_defaults.py's second data set: Fashion-MNIST read from its IDX files and
+2x2-average-pooled to 14x14, checked against a hand computation on tiny files in the real
+format (big-endian headers: magic 2051, n, rows, cols for images; 2049, n for labels)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ssl_defaults.py"
+
+
+@pytest.fixture(scope="module")
+def ssl_defaults():
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports its sibling ssl_digits
+    spec = importlib.util.spec_from_file_location("benchmark_ssl_defaults", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def _write_idx(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    n = len(images)
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.astype(np.uint8).tobytes())
+    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes())
+
+
+def test_pooled_subset_matches_hand_computation(ssl_defaults, tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 28, 28))
+    images[0, :2, :2] = [[0, 1], [0, 1]]  # mean 0.5: rounds half up, to 1
+    images[0, :2, 2:4] = [[1, 2], [2, 2]]  # mean 1.75 -> 2
+    labels = np.array([3, 1, 4, 1, 5, 9])
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_idx(raw, images, labels)
+    out = ssl_defaults.fashion_npz(str(raw), tmp_path / "cache")
+    with np.load(out) as f:
+        x, y = f["x"], f["y"]
+    # fewer images than the subset size: all kept, in file order
+    assert x.shape == (6, 1, 14, 14) and x.dtype == np.uint8
+    np.testing.assert_array_equal(y, labels)
+    for i in range(6):
+        for r in range(14):
+            for c in range(14):
+                block = images[i, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2]
+                assert x[i, 0, r, c] == int(np.floor(block.sum() / 4 + 0.5))
+    assert x[0, 0, 0, 0] == 1 and x[0, 0, 0, 1] == 2
+    assert ssl_defaults._dims(str(out)) == 196
+    # written once: a second call reads the cache even when the IDX files are gone
+    for p in raw.iterdir():
+        p.unlink()
+    assert ssl_defaults.fashion_npz(str(raw), tmp_path / "cache") == out
+
+
+def test_missing_files_name_what_was_expected(ssl_defaults, tmp_path, monkeypatch):
+    monkeypatch.setattr(ssl_defaults, "FASHION_DIRS", ())
+    with pytest.raises(SystemExit, match=r"train-images-idx3-ubyte\.gz"):
+        ssl_defaults.fashion_npz(str(tmp_path), tmp_path / "cache")
