@@ -427,7 +427,7 @@ class SSLConfig(RunConfig):
             number of dimensions D of the data M2 models (64 for digits). Kingma et al. use 0.1
             (on binarised MNIST, whose bound is about 100 nats a point); with the discretised
             logistic likelihood on 8-bit or 17-level pixels that weight leaves q(y|x) at 0.40
-            validation accuracy on 14x14 Fashion-MNIST with 100 labels, where D gives 0.74
+            validation accuracy on 14x14 Fashion-MNIST with 100 labels, where D gives 0.75
             (``benchmarks/ssl_defaults.py``).
         class_probs: :math:`\pi` of :math:`p(y)`; empty for uniform.
         estimator: the ELBO estimator of both bounds (``ppl_vae.make_elbo`` spec: ``trace``,
