@@ -126,6 +126,19 @@ TRAIN_LOG_LIKELIHOOD_SAMPLES = 20
 LOG_LIKELIHOOD_SAMPLES = 100
 
 
+#: ``metrics.json``'s ``units`` of an M2 evaluation.
+UNITS = "accuracy in [0, 1]; ELBO and log-likelihood in nats per data point"
+#: ``metrics.json``'s ``elbo_definitions``: the unlabelled bound, the labelled one (with labels
+#: only) and the log-likelihood, joined by ``"; "``.
+ELBO_DEFINITIONS = (
+    "test_elbo: unlabelled bound U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)], y summed out "
+    "exactly, elbo_samples z per class",
+    "test_elbo_labelled: L(x, y) at the true label",
+    "test_log_likelihood: log p(x) = logsumexp_y log mean_s p(x, y, z_s) / q(z_s | x, y), "
+    "z_s ~ q(z | x, y), log_likelihood_samples z per class, y summed out exactly",
+)
+
+
 @dataclass
 class M2Evaluation:
     """What :func:`evaluation_metrics` returns.
@@ -201,14 +214,11 @@ def evaluation_metrics(
             elbo_samples=elbo_samples,
             log_likelihood_samples=log_likelihood_samples,
             num_test_points=n,
-            units="accuracy in [0, 1]; ELBO and log-likelihood in nats per data point",
-            elbo_definitions=(
-                "test_elbo: unlabelled bound U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)], y summed "
-                "out exactly, elbo_samples z per class"
-                + ("; test_elbo_labelled: L(x, y) at the true label" if y is not None else "")
-                + "; test_log_likelihood: log p(x) = logsumexp_y log mean_s p(x, y, z_s) / "
-                "q(z_s | x, y), z_s ~ q(z | x, y), log_likelihood_samples z per class, y summed out "
-                "exactly"
+            units=UNITS,
+            elbo_definitions="; ".join(
+                [ELBO_DEFINITIONS[0]]
+                + ([ELBO_DEFINITIONS[1]] if y is not None else [])
+                + [ELBO_DEFINITIONS[2]]
             ),
         )
         if confusion is not None:
