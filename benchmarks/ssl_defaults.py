@@ -33,9 +33,8 @@ Results (2026-12-02, CPU, one thread per run; mean best validation accuracy over
 * ``--tune alpha``, alpha / D = 0.3, 1, 3: digits 0.931 / 0.931 / 0.931, fashion14 0.736 /
   0.748 / 0.740 (fashion14 re-measured on this code; an earlier session's run read 0.740 /
   0.742 at 1 and 3, which does not reproduce, cause not traced; the first grid is from that
-  session); flat
-  on digits, best at 1 on fashion14: alpha = D is the default (``ALPHA_PER_DIMENSION`` in
-  ``ppl_vae.config``);
+  session); flat on digits, best at 1 on fashion14: alpha = D is the default
+  (``ALPHA_PER_DIMENSION`` in ``ppl_vae.config``);
 * ``--tune lr``, 3e-4, 1e-3, 3e-3: digits 0.914 / 0.931 / 0.931, fashion14 0.743 / 0.748 /
   0.750; the default 1e-3 stays.
 

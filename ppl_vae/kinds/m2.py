@@ -53,8 +53,10 @@ from ..training.trainer import write_history_csv
 from .base import ModelKind
 
 __all__ = [
+    "ELBO_DEFINITIONS",
     "LOG_LIKELIHOOD_SAMPLES",
     "TRAIN_LOG_LIKELIHOOD_SAMPLES",
+    "UNITS",
     "Cycler",
     "M2Evaluation",
     "M2Kind",
