@@ -409,3 +409,99 @@ def test_meanfield_warns_once_per_site_and_pair_of_types():
 
 def test_meanfield_takes_pyros_positional_options():
     assert MeanField_ELBO(3).num_particles == 3
+
+
+def test_iwae_defaults_are_the_documented_ones():
+    """IWAE_ELBO() is the alpha = 0 Rényi bound with K = 5 vectorised particles and no limit on
+    plate nesting (its docstring; ``iwae`` without an argument in ``make_elbo`` means K = 5)."""
+    e = estimators.IWAE_ELBO()
+    assert e.alpha == 0.0
+    assert e.num_particles == 5
+    assert e.max_plate_nesting == math.inf
+    assert e.vectorize_particles is True
+
+
+def _conjugate_pair(dim: int = -1, subsample: int | None = None, exact: bool = True):
+    """z ~ N(0, 1), x | z ~ N(z, 1) in pyro.plate('data', 10); the guide is the exact posterior
+    N(x / 2, 1 / 2) (``exact``) or N(0.5, 1)."""
+
+    def model(x):
+        with pyro.plate("data", 10, subsample_size=subsample, dim=dim):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 10, subsample_size=subsample, dim=dim):
+            loc, scale = (x / 2, math.sqrt(0.5)) if exact else (torch.full_like(x, 0.5), 1.0)
+            pyro.sample("z", dist.Normal(loc, scale))
+
+    return model, guide
+
+
+def test_log_importance_weights_under_the_exact_posterior_are_log_p_x():
+    # with q = p(z | x) every weight is p(x) = N(x; 0, 2), whatever z was drawn
+    x = torch.linspace(-2.0, 2.0, 10)
+    model, guide = _conjugate_pair()
+    pyro.set_rng_seed(0)
+    lw = estimators.log_importance_weights(model, guide, (x,), {}, 4, 1)
+    log_px = -0.5 * x**2 / 2 - 0.5 * math.log(2 * math.pi * 2)
+    assert lw.shape == (4, 10)
+    torch.testing.assert_close(lw, log_px.expand(4, 10), rtol=0, atol=1e-5)
+
+
+def test_log_importance_weights_refuse_a_subsampled_or_misplaced_data_plate():
+    model, guide = _conjugate_pair(subsample=2)
+    with pytest.raises(ConfigError) as err:
+        estimators.log_importance_weights(model, guide, (torch.zeros(2),), {}, 3, 1)
+    assert str(err.value) == (
+        "log_likelihood needs the whole batch in pyro.plate('data'), but it is subsampled (2 of "
+        "10); pass the batch to evaluate instead"
+    )
+    model, guide = _conjugate_pair(dim=-3, exact=False)
+    with pytest.raises(ConfigError) as err:
+        estimators.log_importance_weights(model, guide, (torch.zeros(10, 1, 1),), {}, 3, 1)
+    assert str(err.value) == "pyro.plate('data') is at dim -3, outside `max_plate_nesting` = 1"
+
+
+def test_a_prior_site_left_out_of_the_guide_cancels_and_later_sites_still_count():
+    # w is drawn from its prior by the model (not in the guide): its p and q cancel, and the
+    # observed x after it still enters, so the weights are still log N(x; 0, 2)
+    def model(x):
+        with pyro.plate("data", 10, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    _, guide = _conjugate_pair()
+    x = torch.linspace(-2.0, 2.0, 10)
+    lw = estimators.log_importance_weights(model, guide, (x,), {}, 3, 1)
+    log_px = -0.5 * x**2 / 2 - 0.5 * math.log(2 * math.pi * 2)
+    torch.testing.assert_close(lw, log_px.expand(3, 10), rtol=0, atol=1e-5)
+
+
+def test_log_importance_weights_refuse_auxiliary_guide_sites_and_unobserved_models():
+    model, _ = _conjugate_pair()
+
+    def guide_with_aux(x):
+        with pyro.plate("data", 10, dim=-1):
+            pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)))
+            pyro.sample("aux", dist.Normal(0.0, 1.0))
+
+    x = torch.zeros(10)
+    with pytest.raises(ConfigError) as err:
+        estimators.log_importance_weights(model, guide_with_aux, (x,), {}, 2, 1)
+    assert str(err.value) == (
+        "guide site 'aux' does not appear in the model; log_likelihood does not support "
+        "auxiliary guide variables"
+    )
+
+    def prior_only(x):  # nothing observed, and its one latent drawn from the prior
+        with pyro.plate("data", 10, dim=-1):
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    def empty_guide(x):
+        pass
+
+    with pytest.raises(ConfigError) as err:
+        estimators.log_importance_weights(prior_only, empty_guide, (x,), {}, 2, 1)
+    assert str(err.value) == "the model has no observed sites: there is no likelihood to estimate"
