@@ -24,6 +24,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
+from pyro.distributions.score_parts import ScoreParts
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from ppl_vae import ConfigError
@@ -508,3 +510,313 @@ def test_log_importance_weights_refuse_auxiliary_guide_sites_and_unobserved_mode
     with pytest.raises(ConfigError) as err:
         estimators.log_importance_weights(prior_only, empty_guide, (x,), {}, 2, 1)
     assert str(err.value) == "the model has no observed sites: there is no likelihood to estimate"
+
+
+# ------------------------------------------------- log_importance_weights: particles, masks, args
+
+
+def test_a_model_latent_the_guide_leaves_out_is_drawn_afresh_for_every_particle():
+    """u_n ~ N(0, 1) is sampled by the model (the guide is empty), x_n | u_n ~ N(u_n, 1): each
+    particle's weight is log N(x_n; u_nk, 1) with its own u_nk, so the weights differ across
+    particles, and their log-mean-exp is a Monte Carlo estimate of log N(x_n; 0, 2)."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-1):
+            u = pyro.sample("u", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(u, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    x = torch.linspace(-1.5, 1.5, 10)
+    k = 20000
+    pyro.set_rng_seed(3)
+    lw = estimators.log_importance_weights(model, guide, (x,), {}, k, 1)
+    assert lw.shape == (k, 10)
+    assert (lw[0] != lw[1]).all()
+    estimate = torch.logsumexp(lw, 0) - math.log(k)
+    # relative sd of a weight p(x|u)/p(x) under the prior is at most about 1.2 here; over
+    # 20000 draws the log-mean has sd < 0.01, so 0.04 is a 4-sigma bound
+    torch.testing.assert_close(estimate, _conjugate_log_px(x), rtol=0, atol=0.04)
+
+
+def test_log_importance_weights_honour_masks_in_the_model_and_the_guide():
+    """log w_n = log N(z_n; 0, 1) + m_n log N(x_n; z_n, 1) - g_n log q(z_n | x_n), with the model's
+    mask m on x and the guide's mask g on z, computed by hand from the z the guide drew."""
+    m = torch.tensor([True, False, True, False, True, True, False, True, False, True])
+    g = torch.tensor([True, True, False, False, True, False, True, True, True, False])
+    drawn = []
+
+    def model(x):
+        with pyro.plate("data", 10, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with poutine.mask(mask=m):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 10, dim=-1), poutine.mask(mask=g):
+            drawn.append(pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5))))
+
+    x = torch.linspace(-2.0, 2.0, 10)
+    lw = estimators.log_importance_weights(model, guide, (x,), {}, 3, 1)
+    (z,) = drawn
+    z = z.reshape(3, 10)
+    by_hand = (
+        dist.Normal(0.0, 1.0).log_prob(z)
+        + m * dist.Normal(z, 1.0).log_prob(x)
+        - g * dist.Normal(x / 2, math.sqrt(0.5)).log_prob(z)
+    )
+    torch.testing.assert_close(lw, by_hand, rtol=0, atol=1e-5)
+
+
+class _Shifted(dist.Normal):
+    """A Normal whose log density takes extra ``pyro.sample`` arguments: ``log_prob(v, a, b=0)``
+    is ``Normal.log_prob(v) - a - b`` (Pyro passes a site's ``args`` and ``kwargs`` on to the
+    distribution's call and to its ``log_prob``)."""
+
+    def __call__(self, *args, **kwargs):
+        return self.sample()
+
+    def log_prob(self, value, *args, **kwargs):
+        return super().log_prob(value) - sum(args) - kwargs.get("b", 0.0)
+
+
+def test_log_importance_weights_pass_a_sites_args_and_kwargs_to_log_prob():
+    def model(x):
+        with pyro.plate("data", 10, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", _Shifted(z, 1.0), 0.25, b=0.5, obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 10, dim=-1):
+            pyro.sample("z", _Shifted(x / 2, math.sqrt(0.5)), 1.0, b=2.0)
+
+    x = torch.linspace(-2.0, 2.0, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lw = estimators.log_importance_weights(model, guide, (x,), {}, 3, 1)
+    # the exact-posterior weight log N(x; 0, 2), less the model's 0.25 + 0.5, plus the guide's 3
+    expected = _conjugate_log_px(x) - 0.75 + 3.0
+    torch.testing.assert_close(lw, expected.expand(3, 10), rtol=0, atol=1e-5)
+
+
+def test_the_data_plate_may_be_declared_in_the_guide_only():
+    """The model puts its points in a plate of another name at the same dim: the guide's
+    pyro.plate('data') locates the data dim, and the weights are still log N(x; 0, 2)."""
+
+    def model(x):
+        with pyro.plate("points", 10, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    _, guide = _conjugate_pair()
+    x = torch.linspace(-2.0, 2.0, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pyro: a plate in the guide but not the model
+        lw = estimators.log_importance_weights(model, guide, (x,), {}, 3, 1)
+    torch.testing.assert_close(lw, _conjugate_log_px(x).expand(3, 10), rtol=0, atol=1e-5)
+
+
+def test_log_importance_weights_with_a_second_plate_level():
+    """max_plate_nesting = 2 with the data at dim -1 and a features plate at dim -2 that z is
+    not in: the features are summed, and the result is (K, N) = log N(x; 0, 2) per feature."""
+    xt = torch.linspace(-2.0, 2.0, 10).reshape(2, 5)  # (features = 2, N = 5)
+
+    def model(xt):
+        with pyro.plate("data", 5, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("features", 2, dim=-2):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=xt)
+
+    def guide(xt):  # the exact posterior of z given both features: N(sum x / 3, 1 / 3)
+        with pyro.plate("data", 5, dim=-1):
+            pyro.sample("z", dist.Normal(xt.sum(0) / 3, math.sqrt(1 / 3)))
+
+    lw = estimators.log_importance_weights(model, guide, (xt,), {}, 4, 2)
+    # x_n ~ N(0, I + 11^T) (2 features): the log density by hand
+    cov = torch.eye(2) + torch.ones(2, 2)
+    by_hand = dist.MultivariateNormal(torch.zeros(2), cov).log_prob(xt.T)
+    assert lw.shape == (4, 5)
+    torch.testing.assert_close(lw, by_hand.expand(4, 5), rtol=0, atol=1e-5)
+
+
+def test_a_site_with_more_dims_than_the_plates_is_a_one_line_error_naming_it():
+    def model(x):
+        with pyro.plate("data", 10, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0).expand((3, *z.shape)), obs=x)
+
+    _, guide = _conjugate_pair()
+    with pytest.raises(ConfigError) as info:
+        estimators.log_importance_weights(model, guide, (torch.zeros(10),), {}, 2, 1)
+    assert str(info.value) == (
+        "site 'x' has batch shape (3, 2, 10), more dims than `max_plate_nesting` + 1 = 2; raise "
+        "`max_plate_nesting`"
+    )
+
+    # a guide site: the model's z is one global latent (a scalar log density), the guide's has a
+    # batch dim left of the particle plate
+    def global_model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand((3, 2, 10)).to_event(3))
+        with pyro.plate("data", 10, dim=-1):
+            pyro.sample("x", dist.Normal(z[0], 1.0), obs=x)
+
+    def batched_guide(x):
+        with pyro.plate("data", 10, dim=-1):
+            pyro.sample("z", dist.Normal(0.0, 1.0).expand((3, 1, 10)))
+
+    with pytest.raises(ConfigError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        estimators.log_importance_weights(global_model, batched_guide, (torch.zeros(10),), {}, 2, 1)
+    assert str(info.value) == (
+        "site 'z' has batch shape (3, 2, 10), more dims than `max_plate_nesting` + 1 = 2; raise "
+        "`max_plate_nesting`"
+    )
+
+
+# ------------------------------------------------------------- STL/DReG traces: the guards, masks
+
+
+def test_an_enumerated_guide_site_is_a_one_line_error_naming_why():
+    def guide(x, *, noise):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", _posterior(x, noise), infer={"enumerate": "parallel"})
+
+    with pytest.raises(ConfigError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pyro's own "configured for enumeration" warning
+        make_elbo("stl").differentiable_loss(_model, guide, X, noise=NOISE)
+    assert str(info.value) == (
+        "estimator 'stl' needs reparameterisable guide sites, but site 'z' (Independent) is "
+        "enumerated; use 'trace' or 'tracegraph' for score-function gradients"
+    )
+
+
+def test_the_model_guide_check_allows_broadcasting_left_of_max_plate_nesting():
+    """The model's prior at z has a batch dim of 2 left of the data plate (max_plate_nesting = 1),
+    the guide's has none: Pyro's check allows it, so the STL value is Pyro's Trace_ELBO value."""
+
+    def model(x):
+        with pyro.plate("data", 3, dim=-1):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2, 1), 1.0))
+            pyro.sample("x", dist.Normal(z, NOISE), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 3, dim=-1):
+            pyro.sample("z", dist.Normal(x / 2, 0.8))
+
+    x = X[:, 0]
+    pyro.set_rng_seed(4)
+    stl = make_elbo("stl").differentiable_loss(model, guide, x)
+    pyro.set_rng_seed(4)
+    reference = Trace_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, x)
+    torch.testing.assert_close(stl, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_a_site_outside_its_plates_fails_pyros_shape_check():
+    def model(x, *, noise):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[-1]), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, noise), obs=x)  # (3, 2) batch, no plate, no to_event
+
+    with pytest.raises(ValueError, match='at site "x", invalid log_prob shape'):
+        make_elbo("stl").differentiable_loss(model, _guide, X, noise=NOISE)
+
+
+def _stl_by_hand(log_joint, log_q_detached):
+    """STL's surrogate (Roeder et al. 2017): log p(x, z(phi)) - log q(z(phi); stop_grad(phi))."""
+    return -(log_joint - log_q_detached)
+
+
+def test_stl_honours_a_mask_in_the_guide():
+    """The guide masks z at two of the three points: there log q is left out of the value and of
+    the gradient alike, as in the surrogate written by hand."""
+    g = torch.tensor([True, False, False])
+    loc = torch.tensor([[0.2, -0.4], [0.9, 0.1], [-0.3, 1.1]], requires_grad=True)
+    drawn = []
+
+    def guide(x, *, noise):
+        with pyro.plate("data", x.shape[0]), poutine.mask(mask=g):
+            drawn.append(pyro.sample("z", dist.Normal(loc, 0.7).to_event(1)))
+
+    pyro.set_rng_seed(5)
+    loss = make_elbo("stl").differentiable_loss(_model, guide, X, noise=NOISE)
+    (grad,) = torch.autograd.grad(loss, loc)
+    z = loc + 0.7 * ((drawn[0] - loc) / 0.7).detach()  # the same draw, as a function of loc
+    log_joint = (
+        dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + dist.Normal(z, NOISE).log_prob(X).sum(-1)
+    ).sum()
+    log_q = (g * dist.Normal(loc.detach(), 0.7).log_prob(z).sum(-1)).sum()
+    hand = _stl_by_hand(log_joint, log_q)
+    (hand_grad,) = torch.autograd.grad(hand, loc)
+    torch.testing.assert_close(loss, hand, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, hand_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_stl_with_two_latent_sites_a_keyword_argument_and_a_mask():
+    """z1 ~ N(0, 1), z2 | z1 ~ N(z1, 1), x | z2 ~ N(z2, s^2); q(z1) q(z2 | z1) with the guide's
+    scale passed as a keyword and z2 masked at one point. STL re-evaluates log q at the stopped
+    values by re-running the guide: the value and gradient equal the surrogate by hand."""
+    g = torch.tensor([True, True, False])
+    a = torch.tensor(0.6, requires_grad=True)
+    loc = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    drawn = []
+    x = X[:, 0]
+
+    def model(x, *, scale):
+        with pyro.plate("data", 3):
+            z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
+            z2 = pyro.sample("z2", dist.Normal(z1, 1.0))
+            pyro.sample("x", dist.Normal(z2, NOISE), obs=x)
+
+    def guide(x, *, scale):
+        with pyro.plate("data", 3):
+            z1 = pyro.sample("z1", dist.Normal(loc, scale))
+            with poutine.mask(mask=g):
+                z2 = pyro.sample("z2", dist.Normal(a * z1, scale))
+        drawn.append((z1, z2))
+
+    pyro.set_rng_seed(6)
+    loss = make_elbo("stl").differentiable_loss(model, guide, x, scale=0.8)
+    grads = torch.autograd.grad(loss, (a, loc))
+    eps1 = ((drawn[0][0] - loc) / 0.8).detach()
+    eps2 = ((drawn[0][1] - a * drawn[0][0]) / 0.8).detach()
+    z1 = loc + 0.8 * eps1
+    z2 = a * z1 + 0.8 * eps2
+    normal = dist.Normal
+    log_joint = (
+        normal(0.0, 1.0).log_prob(z1) + normal(z1, 1.0).log_prob(z2) + normal(z2, NOISE).log_prob(x)
+    ).sum()
+    log_q = (
+        normal(loc.detach(), 0.8).log_prob(z1) + g * normal(a.detach() * z1, 0.8).log_prob(z2)
+    ).sum()
+    hand = _stl_by_hand(log_joint, log_q)
+    hand_grads = torch.autograd.grad(hand, (a, loc))
+    torch.testing.assert_close(loss, hand, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, hand_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _PartlyReparameterised(dist.Normal):
+    """A Normal whose score parts carry both a score-function and an entropy term, as a
+    partially reparameterised sampler (e.g. a rejection sampler) reports them."""
+
+    def score_parts(self, value, *args, **kwargs):
+        log_prob = self.log_prob(value)
+        return ScoreParts(log_prob=log_prob, score_function=log_prob, entropy_term=log_prob)
+
+
+def test_renyi_refuses_a_partially_reparameterised_site_in_one_line():
+    def guide(x):
+        with pyro.plate("data", 3):
+            pyro.sample("z", _PartlyReparameterised(x / 2, 0.8))
+
+    def model(x):
+        with pyro.plate("data", 3):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, NOISE), obs=x)
+
+    with pytest.raises(ConfigError) as info:
+        make_elbo("renyi:0.5").differentiable_loss(model, guide, X[:, 0])
+    assert str(info.value) == (
+        "renyi/iwae cannot handle site 'z': it is partially reparameterised (pyro issue 1222)"
+    )
