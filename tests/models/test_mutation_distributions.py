@@ -626,3 +626,22 @@ def test_normal_on_support_prints_its_family() -> None:
     assert repr(NormalOnSupport()) == "NormalOnSupport(Normal(loc, scale))"
     on_positive = NormalOnSupport(constraints.positive)
     assert repr(on_positive) == f"NormalOnSupport(Normal(loc, scale) on {constraints.positive})"
+
+
+def test_normal_scores_its_own_draw_from_the_noise() -> None:
+    """At its latest draw, log_prob is -eps^2 / 2 - log sigma - log(2 pi) / 2 of that draw's
+    noise, bitwise (the shortcut is taken), where the parent's form -((z - mu) / sigma)^2 / 2
+    rounds differently in some entries (checked here too, so the test can tell the two apart)."""
+    from torch.distributions.utils import _standard_normal
+
+    loc = torch.linspace(-3.0, 3.0, 4000).requires_grad_()
+    scale = torch.linspace(0.01, 5.0, 4000)
+    d = Normal(loc, scale)
+    torch.manual_seed(0)
+    z = d.rsample()
+    torch.manual_seed(0)
+    eps = _standard_normal(z.shape, dtype=z.dtype, device=z.device)
+    shortcut = -0.5 * eps.square() - scale.log() - 0.5 * math.log(2 * math.pi)
+    parent = pyro.distributions.Normal(loc, scale).log_prob(z)
+    assert not torch.equal(parent, shortcut)
+    assert torch.equal(d.log_prob(z), shortcut)
