@@ -1,0 +1,123 @@
+"""Scoring code (``ppl_vae.inference.scoring``) that the mutation run of 2026-12-03 found
+unchecked: the memory format, the per-point CSV, ``score``'s documented defaults and refusals,
+``mean_elbo`` against Pyro's own one-sample ELBO on the same draws, the standard error with two
+points, and bits per dimension for a two-level density."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+
+import pyro
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from ppl_vae import ConfigError, build_vae
+from ppl_vae.inference import scoring
+from ppl_vae.inference.scoring import Scores, format_memory, mean_elbo, score, write_scores_csv
+
+
+def test_memory_is_written_in_gib_from_one_gib_and_in_mib_below():
+    assert format_memory(2**30) == "1.00 GiB"
+    assert format_memory(3 * 2**29) == "1.50 GiB"
+    assert format_memory(2**30 - 2**20) == "1023.0 MiB"
+    assert format_memory(5 * 2**20 + 2**19) == "5.5 MiB"
+
+
+def _scores(n=3):
+    return Scores(
+        torch.tensor([-1.5, -2.25, -3.0])[:n], torch.tensor([-1.0, -2.0, -2.5])[:n], 10, None
+    )
+
+
+def test_the_per_point_csv_with_and_without_labels(tmp_path):
+    path = tmp_path / "scores.csv"
+    write_scores_csv(path, _scores(), torch.tensor([7, 0, 3]))
+    assert path.read_bytes() == (  # bytes: the line ends are "\n", not csv's default "\r\n"
+        b"index,label,elbo,log_likelihood\n"
+        b"0,7,-1.500000,-1.000000\n"
+        b"1,0,-2.250000,-2.000000\n"
+        b"2,3,-3.000000,-2.500000\n"
+    )
+    write_scores_csv(path, _scores())
+    assert path.read_text().splitlines()[1:] == [
+        "0,,-1.500000,-1.000000",
+        "1,,-2.250000,-2.000000",
+        "2,,-3.000000,-2.500000",
+    ]
+    with pytest.raises(ValueError):  # one label per point, or the rows would be misaligned
+        write_scores_csv(path, _scores(), torch.tensor([7, 0]))
+
+
+def test_the_standard_error_needs_two_points():
+    s = _scores(2).summary()
+    assert s["log_likelihood_se"] == pytest.approx(math.sqrt(0.5) / math.sqrt(2))  # sd / sqrt(N)
+    assert math.isnan(_scores(1).summary()["log_likelihood_se"])
+
+
+def _vae(likelihood="bernoulli"):
+    torch.manual_seed(0)
+    return build_vae((6,), likelihood=likelihood, latent_dim=2, hidden_dims=(8,))
+
+
+def test_score_defaults_and_refusals(monkeypatch):
+    """The documented defaults, seen in what a call does: 1000 samples in chunks of 100 for up to
+    512 points per pass, a progress bar off, over N * K samples, advanced per pass."""
+    bars = []
+
+    @contextlib.contextmanager
+    def recording_bar(enabled, total, what):
+        bar = types.SimpleNamespace(done=0)
+        bar.update = lambda n: setattr(bar, "done", bar.done + n)
+        bars.append((enabled, total, what, bar))
+        yield bar
+
+    monkeypatch.setattr(scoring, "progress_bar", recording_bar)
+    vae, x = _vae(), torch.bernoulli(torch.full((600, 6), 0.5))
+    s = score(vae, x, eval_memory=None)
+    assert s.num_samples == 1000
+    assert (s.plan.particles, s.plan.points) == (100, 512)
+    ((enabled, total, what, bar),) = bars
+    assert (enabled, total, what, bar.done) == (False, 600 * 1000, "log p(x)", 600 * 1000)
+    score(vae, x[:5], num_samples=3, progress=True, eval_memory=None)
+    assert bars[-1][:3] == (True, 15, "log p(x)")
+    vae, x = _vae(), torch.bernoulli(torch.full((4, 6), 0.5))
+    for bad in ((0, 1, 1), (1, 0, 1), (1, 1, 0)):
+        with pytest.raises(ConfigError) as info:
+            score(vae, x, *bad, eval_memory=None)
+        assert str(info.value) == (
+            "`num_samples`, `chunk_size` and `batch_size` must be positive, got "
+            f"{bad[0]}, {bad[1]}, {bad[2]}"
+        )
+    one = score(vae, x, num_samples=3, chunk_size=1, batch_size=1, eval_memory=None)
+    assert one.num_samples == 3 and one.elbo.shape == (4,)
+
+
+def test_mean_elbo_is_pyros_one_sample_elbo_on_the_same_draws():
+    """One particle per point: the same z as Pyro's Trace_ELBO draws with the same seed, and the
+    same Monte Carlo terms log p(x, z) - log q(z | x), so the mean ELBO is minus its loss over N,
+    to float32 rounding."""
+    vae, x = _vae(), torch.bernoulli(torch.full((5, 6), 0.5))
+    vae.eval()
+    pyro.set_rng_seed(3)
+    got = mean_elbo(vae, x)
+    pyro.set_rng_seed(3)
+    with torch.no_grad():
+        loss = Trace_ELBO(max_plate_nesting=1).loss(vae.model, vae.guide, x)
+    assert got == pytest.approx(-loss / 5, rel=1e-6, abs=1e-5)
+
+
+def test_bits_per_dim_of_a_two_level_density():
+    """num_levels = 2 is the smallest quantisation (a binary grid): log2(L - 1) = 0 added."""
+    vae = _vae("normal")
+    bpd = scoring.bits_per_dim(vae.likelihood, -6.0, 2)
+    assert bpd == pytest.approx(6.0 / (6 * math.log(2)))
+    assert scoring.bits_per_dim(vae.likelihood, -6.0, 1) is None
+
+
+def test_one_byte_is_a_memory_size():
+    assert scoring.parse_memory(1) == 1
+    with pytest.raises(ConfigError, match="a memory size must be positive, got 0"):
+        scoring.parse_memory(0)
