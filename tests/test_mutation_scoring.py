@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import math
 import types
+import warnings
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
@@ -121,3 +123,46 @@ def test_one_byte_is_a_memory_size():
     assert scoring.parse_memory(1) == 1
     with pytest.raises(ConfigError, match="a memory size must be positive, got 0"):
         scoring.parse_memory(0)
+
+
+class _Shifted(dist.Normal):
+    """``log_prob(v, a, b=0)`` is ``Normal.log_prob(v) - a - b``: a distribution that takes the
+    extra arguments a ``pyro.sample`` call passes on (Pyro gives them to ``log_prob`` too)."""
+
+    def __call__(self, *args, **kwargs):
+        return self.sample()
+
+    def log_prob(self, value, *args, **kwargs):
+        return super().log_prob(value) - sum(args) - kwargs.get("b", 0.0)
+
+
+class _Conjugate(torch.nn.Module):
+    """z ~ N(0, 1), x | z ~ N(z, 1) with the observed site's extra arguments (0.25, b=0.5); the
+    guide is the exact posterior N(x / 2, 1 / 2), so every importance weight is
+    log N(x; 0, 2) - 0.75."""
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", _Shifted(z, 1.0), 0.25, b=0.5, obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)))
+
+
+def test_scoring_passes_an_observed_sites_extra_arguments_to_log_prob():
+    """log p(x) is exact (every weight equal). The reconstruction term is
+    E_q[log N(x; z, 1)] - 0.75 = -log(2 pi) / 2 - ((x / 2)^2 + 1 / 2) / 2 - 0.75 in closed form,
+    estimated from 4000 draws per point (sd of a draw below 0.8, standard error below 0.013):
+    tolerance 0.08, 6 standard errors; dropping either argument moves it by 0.25 or 0.5."""
+    x = torch.linspace(-2.0, 2.0, 7)
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = score(_Conjugate(), x, num_samples=5, chunk_size=5, eval_memory=None)
+        terms = scoring.per_point_terms(_Conjugate(), x, num_samples=4000)
+    log_px = -0.25 * x**2 - 0.5 * math.log(2 * math.pi * 2) - 0.75
+    torch.testing.assert_close(s.log_likelihood, log_px, rtol=0, atol=1e-5)
+    recon = -0.5 * math.log(2 * math.pi) - 0.5 * ((x / 2) ** 2 + 0.5) - 0.75
+    torch.testing.assert_close(terms.recon, recon, rtol=0, atol=0.08)
