@@ -820,3 +820,59 @@ def test_renyi_refuses_a_partially_reparameterised_site_in_one_line():
     assert str(info.value) == (
         "renyi/iwae cannot handle site 'z': it is partially reparameterised (pyro issue 1222)"
     )
+
+
+# ----------------------------------------------- spec parsing, options, a global observed site
+
+
+def test_spec_and_option_refusals_are_exact_and_the_boundaries_accepted():
+    with pytest.raises(ConfigError) as info:
+        parse_estimator(5)
+    assert str(info.value) == "estimator must be a string like 'iwae:5', got 5"
+    assert parse_estimator("iwae:1") == ("iwae", 1.0)  # K = 1 is a positive integer
+    with pytest.raises(ConfigError) as info:
+        parse_estimator("renyi:1")
+    assert str(info.value).startswith(
+        "alpha of estimator 'renyi' must not be 1 (alpha = 1 is the ELBO: use 'trace'), "
+    )
+    for bad in (2.5, 0):
+        with pytest.raises(ConfigError, match="`num_particles` must be a positive integer"):
+            make_elbo("trace", bad)
+    for bad in (1.5, -1):
+        with pytest.raises(ConfigError, match="`max_plate_nesting` must be a non-negative"):
+            make_elbo("trace", max_plate_nesting=bad)
+    assert make_elbo("trace", max_plate_nesting=0).max_plate_nesting == 0
+    assert IWAE_ELBO().strict_enumeration_warning is True
+
+
+def test_a_global_observed_site_counts_fully_for_every_point():
+    """An observed scalar outside every plate (log N(0.3; 0, 1)) is added to each point's weight,
+    as the docstring says, on top of the exact-posterior weights log N(x; 0, 2)."""
+    model, guide = _conjugate_pair()
+
+    def with_global(x):
+        pyro.sample("c", dist.Normal(0.0, 1.0), obs=torch.tensor(0.3))
+        model(x)
+
+    x = torch.linspace(-2.0, 2.0, 10)
+    lw = estimators.log_importance_weights(with_global, guide, (x,), {}, 3, 1)
+    expected = _conjugate_log_px(x) + dist.Normal(0.0, 1.0).log_prob(torch.tensor(0.3))
+    torch.testing.assert_close(lw, expected.expand(3, 10), rtol=0, atol=1e-5)
+
+
+def test_a_model_without_the_data_plate_is_a_one_line_error():
+    def model(x):
+        with pyro.plate("points", 10, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("points", 10, dim=-1):
+            pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)))
+
+    with pytest.raises(ConfigError) as info:
+        estimators.log_importance_weights(model, guide, (torch.zeros(10),), {}, 2, 1)
+    assert str(info.value) == (
+        "log_likelihood needs the data batch in pyro.plate('data'), but no sample site of the "
+        "model or guide is inside a vectorised plate named 'data'"
+    )
