@@ -166,3 +166,63 @@ def test_scoring_passes_an_observed_sites_extra_arguments_to_log_prob():
     torch.testing.assert_close(s.log_likelihood, log_px, rtol=0, atol=1e-5)
     recon = -0.5 * math.log(2 * math.pi) - 0.5 * ((x / 2) ** 2 + 0.5) - 0.75
     torch.testing.assert_close(terms.recon, recon, rtol=0, atol=0.08)
+
+
+# ------------------------------------------------- chunk planning under a known memory model
+
+
+def _linear_memory(monkeypatch, a: int, s: int, calls: list):
+    """``pass_memory`` replaced by M(k, n) = n / n0 (a + s (k - 1)) bytes, exactly (so the
+    chord of plan_chunks is exact too): the plan can be checked against a brute-force search."""
+
+    def fake(module, x, k):
+        calls.append((x.shape[0], k))
+        return math.ceil(
+            x.shape[0] / min(scoring.PROBE_POINTS, x.shape[0]) * (a + s * (k - 1))
+        ), "m"
+
+    monkeypatch.setattr(scoring, "pass_memory", fake)
+
+
+def _memory(a, s, k, n, n0):
+    return math.ceil((a + s * (k - 1)) * n / n0)
+
+
+@pytest.mark.parametrize("a, s", [(1000, 300), (1, 1), (4096, 0)])
+def test_the_plan_is_the_largest_chunk_within_the_budget(monkeypatch, a, s):
+    """Shrinking particles before points: (c, B) if it fits; else the largest k <= k2 with
+    M(k, B) <= budget; else one particle and the largest n. The budgets are every k's boundary
+    exactly, one byte below each, and two that fit fewer points than the batch."""
+    x = torch.zeros(40, 3)
+    n0, c, big_b = scoring.PROBE_POINTS, 25, 40
+    exact = {_memory(a, s, k, big_b, n0) for k in range(1, c + 1)}  # each k's own boundary
+    below = {b - 1 for b in exact if b > 1}
+    tiny = {max(a // 2, 1), max(a // 10, 1)}  # fewer points than the batch, or one
+    for budget in sorted(exact | below | tiny):
+        calls = []
+        _linear_memory(monkeypatch, a, s, calls)
+        plan = scoring.plan_chunks(None, x, num_samples=100, chunk_size=c, eval_memory=budget)
+        k2 = max(1, min(c, budget // max(a, 1)))
+        assert calls == [(n0, 1)] + ([(n0, k2)] if k2 > 1 else [])
+        fits = [k for k in range(1, k2 + 1) if _memory(a, s, k, big_b, n0) <= budget]
+        if k2 == c and c in fits:
+            want = (c, big_b)
+        elif fits:
+            want = (max(fits), big_b)
+        else:
+            points = [n for n in range(1, big_b + 1) if _memory(a, s, 1, n, n0) <= budget]
+            want = (1, max(points, default=1))
+        assert (plan.particles, plan.points) == want, budget
+        assert plan.budget == budget and plan.measured_by == "m"
+        assert plan.estimate == _memory(a, s, plan.particles, plan.points, n0)
+
+
+def test_the_plans_fixed_chunk_and_its_edges(monkeypatch):
+    x = torch.zeros(600, 3)
+    assert scoring.plan_chunks(None, x, 1000, eval_memory=None) == scoring.ChunkPlan(100, 512)
+    assert scoring.plan_chunks(None, x, 1000, 1, 1, eval_memory=None) == scoring.ChunkPlan(1, 1)
+    calls = []
+    _linear_memory(monkeypatch, 100, 10, calls)
+    one = scoring.plan_chunks(None, x[:1], 5, eval_memory=10**6)  # one point is still probed
+    assert one.budget == 10**6 and calls == [(1, 1), (1, 5)]
+    assert scoring.plan_chunks(None, x[:0], 5, eval_memory=10**6) == scoring.ChunkPlan(5, 1)
