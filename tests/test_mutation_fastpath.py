@@ -180,11 +180,10 @@ def test_q_changing_type_between_the_particles_of_a_step_is_an_error():
 # ----------------------------------------------------------------------- the refusal reasons
 
 
-def _reason(model, guide, x=None, elbo=None, kl_scale=1.0):
+def _reason(model, guide):
     """``FastELBOLoss._check`` on the traces of a hand-written model and guide."""
-    x = _data() if x is None else x
-    vae = _vae(kl_scale=kl_scale)
-    loss = FastELBOLoss(elbo or Trace_ELBO(), vae)
+    x = _data()
+    loss = FastELBOLoss(Trace_ELBO(), _vae(kl_scale=1.0))
     guide_trace = poutine.trace(guide).get_trace(x)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     return loss._check(model_trace, guide_trace, x), loss
@@ -226,10 +225,10 @@ def _engine_like(
     def guide(x):
         with pyro.plate("data", x.shape[0], dim=-1):
             for name in guide_sites:
-                fn = (q or _q)(x) if name == "z" else _q(x)
-                if outside == "guide:z" and name == "z":
-                    continue
-                sample("guide", name, fn, None)
+                if name != "z":
+                    sample("guide", name, _q(x), None)
+                elif outside != "guide:z":
+                    sample("guide", "z", (q or _q)(x), None)
         if outside == "guide:z":
             sample("guide", "z", _q(x), None)
 

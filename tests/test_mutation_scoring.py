@@ -19,6 +19,7 @@ from pyro.infer import Trace_ELBO
 from ppl_vae import ConfigError, build_vae
 from ppl_vae.inference import scoring
 from ppl_vae.inference.scoring import Scores, format_memory, mean_elbo, score, write_scores_csv
+from tests.test_mutation_estimators import _Shifted  # log_prob(v, a, b=0) = Normal's - a - b
 
 
 def test_memory_is_written_in_gib_from_one_gib_and_in_mib_below():
@@ -123,17 +124,6 @@ def test_one_byte_is_a_memory_size():
     assert scoring.parse_memory(1) == 1
     with pytest.raises(ConfigError, match="a memory size must be positive, got 0"):
         scoring.parse_memory(0)
-
-
-class _Shifted(dist.Normal):
-    """``log_prob(v, a, b=0)`` is ``Normal.log_prob(v) - a - b``: a distribution that takes the
-    extra arguments a ``pyro.sample`` call passes on (Pyro gives them to ``log_prob`` too)."""
-
-    def __call__(self, *args, **kwargs):
-        return self.sample()
-
-    def log_prob(self, value, *args, **kwargs):
-        return super().log_prob(value) - sum(args) - kwargs.get("b", 0.0)
 
 
 class _Conjugate(torch.nn.Module):
