@@ -22,7 +22,13 @@ from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
 from ppl_vae.inference.estimators import make_elbo
-from ppl_vae.inference.fastpath import FastELBOLoss, build_loss, served_estimator
+from ppl_vae.inference.fastpath import (
+    FastELBOLoss,
+    _set_torch_rng_state,
+    _torch_rng_state,
+    build_loss,
+    served_estimator,
+)
 from ppl_vae.vae import build_vae
 
 #: 0.7 * 4 / 4 is 0.7, but 0.7 * 12 / 12 and 0.7 * 4 / 4 * 3 / 3 are 0.6999999999999998: the
@@ -348,3 +354,31 @@ def test_an_expanded_q_is_served_under_vectorised_particles():
         vae, lambda x: elbo.differentiable_loss(vae.model, vae.guide, x), x
     )
     torch.testing.assert_close(fast_value, pyro_value, rtol=1e-6, atol=1e-5)
+
+
+def test_the_random_state_of_a_cuda_device_is_saved_and_rewound_on_that_device(monkeypatch):
+    """The CUDA branch of the helpers the probes and fall-backs rewind with, against a fake
+    ``torch.cuda`` (no GPU here): the generator of the device asked for, not the current one;
+    on a CPU, CUDA is never touched and only the CPU generator is rewound."""
+    calls = []
+
+    def get(device="cuda"):
+        calls.append(("get", device))
+        return torch.tensor([7, 1], dtype=torch.uint8)
+
+    def set_(new_state, device="cuda"):
+        calls.append(("set", new_state.tolist(), device))
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_)
+    for device in (torch.device("cuda", 1), torch.device("cpu")):
+        calls.clear()
+        before = torch.get_rng_state()
+        state = _torch_rng_state(device)
+        torch.rand(3)
+        _set_torch_rng_state(state, device)
+        assert torch.equal(torch.get_rng_state(), before)
+        if device.type == "cuda":
+            assert calls == [("get", device), ("set", [7, 1], device)]
+        else:
+            assert state[1] is None and calls == []

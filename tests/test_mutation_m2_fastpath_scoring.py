@@ -231,8 +231,11 @@ def test_a_site_without_rsample_goes_to_pyro(guide: str, term: str, site: str) -
         guide_dist = model.label_guide.guide_dist
         model.label_guide.guide_dist = lambda x: _no_rsample(guide_dist(x))
     pyro.set_rng_seed(SEED)
-    getattr(loss, term)(*args)
+    value = getattr(loss, term)(*args)
     assert loss.steps == {"fast": 0, "pyro": 2}
+    # draws the fast path made before it saw the site are undone: the step is Pyro's own
+    pyro.set_rng_seed(SEED)
+    assert torch.equal(value, loss.elbos[term].differentiable_loss(*loss._programs(term), *args))
 
 
 # -- scoring: the closed-form KL under Independent / expand -------------------------------------
@@ -427,3 +430,29 @@ def test_per_point_terms_name_a_site_with_a_batch_dim_too_many(site: str) -> Non
     with pytest.raises(ConfigError) as err:
         _per_point(torch.zeros(2, 2, 5), 2, 5, {"name": "x"})
     assert str(err.value) == message
+
+
+def test_an_expanded_site_whose_base_type_changes_goes_to_pyro() -> None:
+    """p(z) wrapped by Pyro's ``ExpandedDistribution`` (as for a class without ``expand``): the
+    probe records the base's type, so a later step whose wrapped base is of another type (a
+    diagonal ``MultivariateNormal`` for the recorded ``Independent`` Normal: the same density)
+    is Pyro's, and the step after it with the recorded type is fast again."""
+    model = make_model("enumerate")
+    loss = make_loss(model, "enumerate")
+    x, y = batch()
+    loc, scale = torch.zeros(2), torch.full((2,), 1.5)
+    base = {"d": lambda: dist.Normal(loc, scale).to_event(1)}
+    model.p_z = lambda y_val: ExpandedDistribution(base["d"](), (1,))
+    loss.labelled(x, y)  # the probe: Pyro's step
+    loss.labelled(x, y)
+    assert loss.state["labelled"] is True and loss.steps == {"fast": 1, "pyro": 1}
+    base["d"] = lambda: dist.MultivariateNormal(loc, scale_tril=torch.diag(scale))
+    pyro.set_rng_seed(SEED)
+    value = loss.labelled(x, y)
+    assert loss.steps == {"fast": 1, "pyro": 2}
+    pyro.set_rng_seed(SEED)
+    ref = loss.elbos["labelled"].differentiable_loss(*loss._programs("labelled"), x, y)
+    assert torch.equal(value, ref)
+    base["d"] = lambda: dist.Normal(loc, scale).to_event(1)
+    loss.labelled(x, y)
+    assert loss.steps == {"fast": 2, "pyro": 2}

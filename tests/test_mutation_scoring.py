@@ -216,3 +216,75 @@ def test_the_plans_fixed_chunk_and_its_edges(monkeypatch):
     one = scoring.plan_chunks(None, x[:1], 5, eval_memory=10**6)  # one point is still probed
     assert one.budget == 10**6 and calls == [(1, 1), (1, 5)]
     assert scoring.plan_chunks(None, x[:0], 5, eval_memory=10**6) == scoring.ChunkPlan(5, 1)
+
+
+# ------------------------------------------------------------------------ measuring memory
+def test_tensor_memory_starts_at_zero_and_counts_a_one_byte_storage():
+    with torch.no_grad(), scoring.TensorMemory() as mem:
+        pass
+    assert (mem.current, mem.peak) == (0, 0)
+    with torch.no_grad(), scoring.TensorMemory() as mem:
+        b = torch.ones(1, dtype=torch.uint8)  # one byte
+        assert mem.current == 1
+        del b
+    assert (mem.current, mem.peak) == (0, 1)
+
+
+def test_tensor_memory_does_not_count_a_view_of_an_input_passed_by_keyword():
+    x = torch.ones(10_000)
+    with torch.no_grad(), scoring.TensorMemory() as mem:
+        v = torch.reshape(input=x, shape=(100, 100))  # a view of x, reached through kwargs
+        w = torch.add(input=torch.ones(10), other=x[:10])  # 40 bytes, x's slice not counted
+    assert v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert mem.peak == 80 and w.shape == (10,)  # the ones(10) and the sum, 40 bytes each
+
+
+def test_peak_memory_on_a_cpu_is_the_factor_times_the_count_rounded_up():
+    assert scoring.CPU_MEMORY_FACTOR == 1.5
+
+    def three_bytes():
+        return torch.zeros(3, dtype=torch.uint8)
+
+    peak, how = scoring.peak_memory(three_bytes, torch.device("cpu"))
+    assert peak == 5  # ceil(3 x 1.5)
+    assert how == "1.5 x the peak bytes of the tensors a pass creates"
+
+
+def test_peak_memory_on_a_gpu_reads_the_allocator_around_the_call(monkeypatch):
+    """The CUDA branch, run against a fake allocator (no GPU here): the peak counter is reset
+    on the device asked for, the device synchronised before the base reading and after the
+    call, and the result is the peak above the base."""
+    device = torch.device("cuda", 1)
+    calls: list[tuple[str, object]] = []
+    mem = {"allocated": 1000, "peak": 5000, "pending": 0}
+
+    def on(name, result=None):
+        def f(dev):
+            calls.append((name, dev))
+            if name == "synchronize":  # the queued work lands
+                mem["allocated"] += mem["pending"]
+                mem["peak"] = max(mem["peak"], mem["allocated"])
+                mem["pending"] = 0
+            if name == "reset_peak_memory_stats":
+                mem["peak"] = mem["allocated"]
+            return mem[result] if result else None
+
+        return f
+
+    monkeypatch.setattr(torch.cuda, "synchronize", on("synchronize"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", on("reset_peak_memory_stats"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", on("memory_allocated", "allocated"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", on("max_memory_allocated", "peak"))
+    mem["pending"] = 200  # earlier work still queued: part of the base, not of the pass
+
+    def work():
+        calls.append(("fn", None))
+        mem["pending"] = 700  # asynchronous: seen only after a synchronize
+
+    peak, how = scoring.peak_memory(work, device)
+    assert (peak, how) == (700, "torch.cuda.max_memory_allocated")
+    assert calls == [
+        ("synchronize", device), ("reset_peak_memory_stats", device),
+        ("memory_allocated", device), ("fn", None), ("synchronize", device),
+        ("max_memory_allocated", device),
+    ]  # fmt: skip

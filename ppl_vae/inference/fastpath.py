@@ -126,6 +126,22 @@ def _entropy_term_is_log_prob(d: Any) -> bool:
         return False
 
 
+def _torch_rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The states of torch's CPU generator and, for a CUDA ``device``, of its generator: the
+    streams a step's draws on ``device`` come from."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_torch_rng_state(
+    state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device
+) -> None:
+    """Rewinds the generators to ``state`` (from :func:`_torch_rng_state` on ``device``)."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def _sample_sites(trace: poutine.Trace) -> list[dict]:
     trace = prune_subsample_sites(trace)
     return [site for site in trace.nodes.values() if site["type"] == "sample"]
@@ -201,9 +217,7 @@ class FastELBOLoss:
         state is rewound to before Pyro's step), so that the value of a step does not depend on
         whether it was the first of a process: a resumed run's history equals an uninterrupted
         run's bitwise, not only its parameters."""
-        devices = [x.device] if x.is_cuda else []
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+        rng = _torch_rng_state(x.device)
         model = poutine.trace(self.vae.model)
         guide = poutine.trace(self.vae.guide)
         self.steps["pyro"] += 1
@@ -212,9 +226,7 @@ class FastELBOLoss:
         self.fast = not self.reason
         if not self.fast:
             return loss
-        torch.set_rng_state(cpu_state)
-        for d, state in zip(devices, cuda_states, strict=True):
-            torch.cuda.set_rng_state(state, d)
+        _set_torch_rng_state(rng, x.device)
         return self(x)
 
     def _check(

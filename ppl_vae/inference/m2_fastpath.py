@@ -99,7 +99,12 @@ from pyro.infer.util import is_validation_enabled
 
 from ..guides.labels.base import LabelGuide
 from ..models.likelihoods.bernoulli import BernoulliLikelihood
-from .fastpath import _entropy_term_is_log_prob, _sample_sites
+from .fastpath import (
+    _entropy_term_is_log_prob,
+    _sample_sites,
+    _set_torch_rng_state,
+    _torch_rng_state,
+)
 
 __all__ = ["TERMS", "M2Loss", "served_estimator"]
 
@@ -362,13 +367,16 @@ class M2Loss:
             return self._pyro(term, args)
         if state is None:
             return self._probe(term, args)
+        device = args[0].device
+        rng = _torch_rng_state(device)
         try:
             if self.validate:
                 loss = fast(*args)
             else:
                 with pyro.validation_enabled(False):
                     loss = fast(*args)
-        except _Fallback:
+        except _Fallback:  # a site's type is checked where it is built, maybe after a draw:
+            _set_torch_rng_state(rng, device)  # rewound, so that the step is Pyro's own
             return self._pyro(term, args)
         self.steps["fast"] += 1
         return loss

@@ -191,28 +191,34 @@ def _kept_rng(device: torch.device) -> Iterator[None]:
 
 def pass_memory(module: Any, x: torch.Tensor, num_particles: int) -> tuple[int, str]:
     """Peak bytes one log-weight pass of ``num_particles`` over the points ``x`` adds (random
-    streams restored afterwards), and how they were measured: on a CPU, the peak count of
-    :class:`TensorMemory` times :data:`CPU_MEMORY_FACTOR`."""
+    streams restored afterwards), and how they were measured (:func:`peak_memory`)."""
     with torch.no_grad():
 
         def one_pass() -> None:  # what log_weights runs (called directly: probes are no passes)
             log_importance_weights(module.model, module.guide, (x,), {}, num_particles, 1)
 
         with _kept_rng(x.device):
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-                torch.cuda.reset_peak_memory_stats(x.device)
-                base = torch.cuda.memory_allocated(x.device)
-                one_pass()
-                torch.cuda.synchronize(x.device)
-                peak = torch.cuda.max_memory_allocated(x.device) - base
-                return peak, "torch.cuda.max_memory_allocated"
-            with TensorMemory() as mem:
-                one_pass()
-            return (
-                math.ceil(mem.peak * CPU_MEMORY_FACTOR),
-                f"{CPU_MEMORY_FACTOR} x the peak bytes of the tensors a pass creates",
-            )
+            return peak_memory(one_pass, x.device)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
+    """Peak bytes that running ``fn()`` adds on ``device``, and how they were measured: on a
+    GPU, ``torch.cuda.max_memory_allocated`` above what was allocated before (the peak
+    statistics are reset first, the device synchronised around the call); on a CPU, the peak
+    count of :class:`TensorMemory` times :data:`CPU_MEMORY_FACTOR`, rounded up."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
+    with TensorMemory() as mem:
+        fn()
+    return (
+        math.ceil(mem.peak * CPU_MEMORY_FACTOR),
+        f"{CPU_MEMORY_FACTOR} x the peak bytes of the tensors a pass creates",
+    )
 
 
 @dataclass(frozen=True)
