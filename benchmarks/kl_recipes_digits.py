@@ -5,11 +5,16 @@ Recipes: the plain ELBO (the default), a linear KL warm-up over 10 epochs, free 
 nats per latent dimension (Kingma et al. 2016), and the IWAE bound with k = 5 (Burda et al.
 2016). Models: the built-in VAE (10 latent dimensions, MLP 256-128) and ``--model hierarchical``
 with z1 of 20 below the top z2 of 10 (two hidden layers of 64 between them), as in
-``benchmarks/latent_structure_digits.py``. Every run: dynamic binarisation, Bernoulli, 50
-epochs, test log p(x) with K = 1000, the best validation epoch's weights. Prints the test
-log p(x) per seed and a Markdown table of mean ± sd.
+``benchmarks/latent_structure_digits.py``; ``--models`` adds ``ladder`` (``--model ladder``
+with the same widths) and ``vae-bn``, ``hierarchical-bn``, ``ladder-bn`` (the same three with
+batch normalisation before every hidden activation, ``norm="batch"``, as Sønderby et al.
+2016). Every run: dynamic binarisation, Bernoulli, 50
+epochs, test log p(x) with K = 1000, the best validation epoch's weights. Prints, for each
+seed, the test log p(x) and the last epoch's validation KL per latent site, then a Markdown
+table of mean ± sd.
 
     python benchmarks/kl_recipes_digits.py --seeds 0,1,2
+    python benchmarks/kl_recipes_digits.py --models ladder --recipes plain,warmup
 """
 
 from __future__ import annotations
@@ -20,19 +25,43 @@ import warnings
 
 from ppl_vae import fit
 
-RECIPES = {
-    "plain ELBO (default)": {},
-    "KL warm-up, 10 epochs": {"warmup_epochs": 10},
-    "free bits, 0.1 nats per dimension": {"free_bits": 0.1},
-    "IWAE, k = 5": {"estimator": "iwae:5"},
+RECIPES = {  # key: (row label, fit options)
+    "plain": ("plain ELBO (default)", {}),
+    "warmup": ("KL warm-up, 10 epochs", {"warmup_epochs": 10}),
+    "freebits": ("free bits, 0.1 nats per dimension", {"free_bits": 0.1}),
+    "iwae": ("IWAE, k = 5", {"estimator": "iwae:5"}),
 }
-MODELS = {
-    "VAE, 1 layer": {},
-    "hierarchical, 2 layers": {
-        "model": "hierarchical",
-        "model_args": {"lower_latent_dims": [20], "layer_hidden_dims": [64, 64]},
-    },
+_TWO_LAYERS = {"lower_latent_dims": [20], "layer_hidden_dims": [64, 64]}
+MODELS = {  # key: (column label, fit options)
+    "vae": ("VAE, 1 layer", {}),
+    "hierarchical": (
+        "hierarchical, 2 layers",
+        {"model": "hierarchical", "model_args": _TWO_LAYERS},
+    ),
+    "ladder": ("ladder, 2 layers", {"model": "ladder", "model_args": _TWO_LAYERS}),
+    "vae-bn": (
+        "VAE, 1 layer, batch norm",
+        {"encoder_args": {"norm": "batch"}, "decoder_args": {"norm": "batch"}},
+    ),
+    "hierarchical-bn": (
+        "hierarchical, 2 layers, batch norm",
+        {"model": "hierarchical", "model_args": {**_TWO_LAYERS, "norm": "batch"}},
+    ),
+    "ladder-bn": (
+        "ladder, 2 layers, batch norm",
+        {"model": "ladder", "model_args": {**_TWO_LAYERS, "norm": "batch"}},
+    ),
 }
+
+
+def _pick(table: dict, names: str, flag: str) -> dict:
+    """The entries of ``table`` whose keys are in the comma-separated ``names``, in the
+    table's order."""
+    asked = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in asked if n not in table]
+    if unknown:
+        raise SystemExit(f"{flag}: expected names from {list(table)}, got {unknown}")
+    return {k: v for k, v in table.items() if k in asked}
 
 
 def main() -> None:
@@ -40,25 +69,31 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--log-likelihood-samples", type=int, default=1000)
+    p.add_argument("--models", default="vae,hierarchical", help=f"columns, of {list(MODELS)}")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"rows, of {list(RECIPES)}")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    models = _pick(MODELS, args.models, "--models")
+    recipes = _pick(RECIPES, args.recipes, "--recipes")
     warnings.simplefilter("ignore")  # the collapse warning, expected for some recipes
     rows = []
-    for recipe, options in RECIPES.items():
+    for recipe, options in recipes.values():
         cells = []
-        for model, model_options in MODELS.items():
-            values = [
-                fit(epochs=args.epochs, seed=seed, binarize="dynamic", quiet=True, figures=False,
-                    log_likelihood_samples=args.log_likelihood_samples, **options,
-                    **model_options).metrics["test_log_likelihood"]
-                for seed in seeds
-            ]  # fmt: skip
+        for model, model_options in models.values():
+            values = []
+            for seed in seeds:
+                m = fit(epochs=args.epochs, seed=seed, binarize="dynamic", quiet=True,
+                        figures=False, log_likelihood_samples=args.log_likelihood_samples,
+                        **options, **model_options).metrics  # fmt: skip
+                values.append(m["test_log_likelihood"])
+                kl = {name: round(site["kl"], 3) for name, site in m.get("latent", {}).items()}
+                print(f"  seed {seed}: log p(x) {values[-1]:.3f}, last-epoch KL {kl}", flush=True)
             print(recipe, "|", model, "|", [round(v, 3) for v in values], flush=True)
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.2f} ± {sd:.2f}")
         rows.append(f"| {recipe} | " + " | ".join(cells) + " |")
-    print("\n| recipe | " + " | ".join(MODELS) + " |")
-    print("|---|" + "---:|" * len(MODELS))
+    print("\n| recipe | " + " | ".join(label for label, _ in models.values()) + " |")
+    print("|---|" + "---:|" * len(models))
     print("\n".join(rows))
 
 

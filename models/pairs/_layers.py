@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
-from ..decoders.base import check_activation, check_positive_ints, mlp_trunk
+from ..decoders.base import NORMS, check_activation, check_positive_ints, mlp_trunk
 from ..decoders.mlp import MLPDecoder
 from ..distributions.family import VariationalFamily
 from ..distributions.normal import Normal
@@ -46,6 +46,7 @@ __all__ = [
     "HierarchyBase",
     "StochasticLayer",
     "check_min_scale",
+    "check_norm",
     "precision_weighted",
     "site_name",
 ]
@@ -62,6 +63,13 @@ def check_min_scale(min_scale: Any) -> float:
     if not ok or not math.isfinite(float(min_scale)) or float(min_scale) <= 0:
         raise ConfigError(f"`min_scale` must be a positive finite number, got {min_scale!r}")
     return float(min_scale)
+
+
+def check_norm(norm: Any) -> str:
+    """``norm`` if it is one of the fully connected normalisations, else ConfigError."""
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise ConfigError(f"`norm` must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
+    return norm
 
 
 def precision_weighted(
@@ -130,6 +138,8 @@ class StochasticLayer(nn.Module):
         family: the distribution family (:class:`GaussianFamily`, or a prior's guide family).
         hidden_dims: the trunk's widths.
         activation: a name in :data:`~ppl_vae.models.decoders.base.ACTIVATIONS`.
+        norm: ``"none"``, ``"batch"`` or ``"layer"`` normalisation before each of the trunk's
+            activations.
     """
 
     def __init__(
@@ -139,11 +149,14 @@ class StochasticLayer(nn.Module):
         family: VariationalFamily,
         hidden_dims: Sequence[int] = (),
         activation: str = "relu",
+        norm: str = "none",
     ) -> None:
         super().__init__()
         self.in_dim, self.latent_dim = int(in_dim), int(latent_dim)
         self.family = family
-        self.trunk, self.feature_dim = mlp_trunk(in_dim, hidden_dims, activation=activation)
+        self.trunk, self.feature_dim = mlp_trunk(
+            in_dim, hidden_dims, activation=activation, norm=norm
+        )
         self.head = nn.Linear(self.feature_dim, family.num_params * self.latent_dim)
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
@@ -235,6 +248,7 @@ class HierarchyBase(RecordsOptions, PyroModule):
         layer_hidden_dims: Sequence[int],
         activation: str,
         min_scale: float,
+        norm: str = "none",
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -258,6 +272,7 @@ class HierarchyBase(RecordsOptions, PyroModule):
         self.layer_hidden_dims = check_positive_ints("layer_hidden_dims", layer_hidden_dims)
         check_activation(activation)
         self.activation = activation
+        self.norm = check_norm(norm)
         self.min_scale = check_min_scale(min_scale)
         self.prior = prior
         self.likelihood = likelihood
@@ -271,6 +286,7 @@ class HierarchyBase(RecordsOptions, PyroModule):
                 GaussianFamily(self.min_scale),
                 self.layer_hidden_dims[::-1],
                 activation,
+                self.norm,
             )
             for layer in range(1, self.num_layers)
         )
@@ -282,6 +298,7 @@ class HierarchyBase(RecordsOptions, PyroModule):
             hidden_dims=self.hidden_dims[::-1],
             cond_dim=0,
             activation=activation,
+            norm=self.norm,
         )
 
     def layer_family(self, layer: int) -> VariationalFamily:

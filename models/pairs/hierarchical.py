@@ -49,6 +49,9 @@ class HierarchicalVAE(HierarchyBase):
         layer_hidden_dims: widths of the deterministic layers between two stochastic layers.
         activation: the hidden units' activation everywhere (``tanh`` in Burda et al.).
         min_scale: the floor of the hidden Gaussian layers' scales.
+        norm: ``"none"``, ``"batch"`` or ``"layer"`` normalisation before every hidden
+            activation, in all networks; with ``"batch"``, evaluation uses the running
+            statistics.
 
     Example:
         Burda et al.'s two-layer MNIST model (784-100-50 stochastic units, 200-200 and 100-100
@@ -72,6 +75,7 @@ class HierarchicalVAE(HierarchyBase):
         layer_hidden_dims: list[int] | tuple[int, ...] = (),
         activation: str = "relu",
         min_scale: float = 1e-3,
+        norm: str = "none",
     ) -> None:
         super().__init__(
             data_shape,
@@ -82,6 +86,7 @@ class HierarchicalVAE(HierarchyBase):
             layer_hidden_dims,
             activation,
             min_scale,
+            norm,
         )
         top, family = self.num_layers, self.layer_family
         # q(z_1 | x): the built-in VAE's encoder (build_networks' constructor arguments)
@@ -92,6 +97,7 @@ class HierarchicalVAE(HierarchyBase):
             hidden_dims=self.hidden_dims,
             cond_dim=0,
             activation=activation,
+            norm=self.norm,
         )
         # q(z_l | z_{l-1}), l = 2 .. L
         self.inference = nn.ModuleList(
@@ -101,6 +107,7 @@ class HierarchicalVAE(HierarchyBase):
                 family(layer),
                 self.layer_hidden_dims,
                 activation,
+                self.norm,
             )
             for layer in range(2, top + 1)
         )

@@ -63,6 +63,9 @@ class LadderVAE(HierarchyBase):
         layer_hidden_dims: widths of the deterministic layers between two stochastic layers.
         activation: the hidden units' activation everywhere.
         min_scale: :math:`\sigma_{\min}`, the floor of the Gaussian layers' scales.
+        norm: ``"none"``, ``"batch"`` or ``"layer"`` normalisation before every hidden
+            activation, in all networks (Sønderby et al. 2016 train the ladder with batch
+            normalisation); with ``"batch"``, evaluation uses the running statistics.
 
     References:
         Sønderby, Raiko, Maaløe, Sønderby, Winther (2016), Ladder variational autoencoders,
@@ -79,6 +82,7 @@ class LadderVAE(HierarchyBase):
         layer_hidden_dims: list[int] | tuple[int, ...] = (),
         activation: str = "relu",
         min_scale: float = 1e-3,
+        norm: str = "none",
     ) -> None:
         super().__init__(
             data_shape,
@@ -89,6 +93,7 @@ class LadderVAE(HierarchyBase):
             layer_hidden_dims,
             activation,
             min_scale,
+            norm,
         )
         top, family = self.num_layers, self.layer_family
         # d_1 and the estimates of layer 1: the built-in VAE's encoder (build_networks' arguments)
@@ -99,6 +104,7 @@ class LadderVAE(HierarchyBase):
             hidden_dims=self.hidden_dims,
             cond_dim=0,
             activation=activation,
+            norm=self.norm,
         )
         # d_l = f_l(d_{l-1}) and the estimates of layer l, l = 2 .. L
         up: list[StochasticLayer] = []
@@ -111,6 +117,7 @@ class LadderVAE(HierarchyBase):
                     family(layer),
                     self.layer_hidden_dims,
                     activation,
+                    self.norm,
                 )
             )
             width = up[-1].feature_dim

@@ -54,17 +54,19 @@ def gaussian_head(layer, h: torch.Tensor, min_scale: float = 1e-3) -> tuple[torc
 
 # -- L = 1 is the built-in VAE -----------------------------------------------------------------
 @pytest.mark.parametrize("cls", PAIRS)
-@pytest.mark.parametrize("prior_cls", [GaussianPrior, VonMisesPrior])
-def test_one_layer_is_the_builtin_vae(cls, prior_cls):
+@pytest.mark.parametrize(("prior_cls", "norm"), [(GaussianPrior, "none"), (VonMisesPrior, "none"),
+                                                 (GaussianPrior, "batch")])  # fmt: skip
+def test_one_layer_is_the_builtin_vae(cls, prior_cls, norm):
     """Same networks as build_networks makes, and the VAE sharing them has the same
     Trace_ELBO loss and gradients under the same seed (only float rounding may differ; the
     programs run the same operations, so 1e-6 relative is ample)."""
     prior = prior_cls(3)
-    m = make(cls, prior, hidden_dims=[7, 5], activation="tanh")
+    m = make(cls, prior, hidden_dims=[7, 5], activation="tanh", norm=norm)
     assert m.num_layers == 1 and m.sites == ["z1"]
+    opts = {"activation": "tanh", "norm": norm}
     enc, dec = build_networks(
         SHAPE, 3, prior.embed_dim, prior.guide_family(), 1, (7, 5),
-        encoder_args={"activation": "tanh"}, decoder_args={"activation": "tanh"},
+        encoder_args=opts, decoder_args=opts,
     )  # fmt: skip
     assert repr(enc) == repr(m.encoder) and repr(dec) == repr(m.decoder)
     vae = VAE(m.prior, m.likelihood, m.encoder, m.decoder)
@@ -112,6 +114,31 @@ def test_two_layer_elbo_equals_a_hand_computation():
         loss = Trace_ELBO().loss(m.model, m.guide, x)
     torch.testing.assert_close(elbo, hand, rtol=0, atol=1e-5)
     assert abs(-loss - float(hand)) < 1e-5
+
+
+@pytest.mark.parametrize("cls", PAIRS)
+def test_batch_norm_before_every_hidden_activation_and_running_statistics_in_eval(cls):
+    """``norm="batch"`` puts one batch normalisation before each of the 2 + 2 + 1 + 1 hidden
+    activations (x <-> z1 both ways, z1 <-> z2 both ways); in eval mode a point's posterior
+    does not depend on the other points of its batch, in training mode it does (the guide's
+    first site, which no draw precedes: z1 bottom-up, z2 top-down)."""
+    from ppl_vae.models.decoders.base import FlatBatchNorm1d
+
+    m = make(cls, hidden_dims=[7, 5], lower_latent_dims=[3], layer_hidden_dims=[4], norm="batch")
+    norms = [mod for mod in m.modules() if isinstance(mod, FlatBatchNorm1d)]
+    assert sorted(n.num_features for n in norms) == [4, 4, 5, 5, 7, 7]
+    plain = make(cls, hidden_dims=[7, 5], lower_latent_dims=[3], layer_hidden_dims=[4])
+    assert not any(isinstance(mod, FlatBatchNorm1d) for mod in plain.modules())
+    x, first = binary(8), "z1" if cls is HierarchicalVAE else "z2"
+    with torch.no_grad():
+        m.train()
+        m.guide(x)  # moves the running statistics away from their start
+        for train in (True, False):
+            m.train(train)
+            whole = poutine.trace(m.guide).get_trace(x).nodes[first]["fn"]
+            alone = poutine.trace(m.guide).get_trace(x[:2]).nodes[first]["fn"]
+            same = torch.allclose(whole.mean[:2], alone.mean, rtol=0, atol=1e-6)
+            assert same is not train
 
 
 # -- the ladder's top-down posterior -----------------------------------------------------------
@@ -243,15 +270,25 @@ def test_bottom_up_inference_refuses_a_prior_that_needs_a_top_encoder():
 
 # -- through the engine ------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "model, prior",
-    [(HierarchicalVAE, "gaussian"), ("ladder", "gaussian"), ("hierarchical", "von-mises")],
+    "model, prior, norm",
+    [
+        (HierarchicalVAE, "gaussian", "none"),
+        ("ladder", "gaussian", "none"),
+        ("hierarchical", "von-mises", "none"),
+        ("ladder", "gaussian", "batch"),
+    ],
 )
-def test_the_engine_trains_it_with_a_kl_per_layer(model, prior):
+def test_the_engine_trains_it_with_a_kl_per_layer(model, prior, norm):
     """fit builds the pair from its name or class with the run's prior, latent_dim and
     hidden_dims, records a KL per layer (their sum is ``kl``) and scores log p(x) over both."""
     result = fit(
         model=model,
-        model_args={"lower_latent_dims": [4], "layer_hidden_dims": [8], "activation": "tanh"},
+        model_args={
+            "lower_latent_dims": [4],
+            "layer_hidden_dims": [8],
+            "activation": "tanh",
+            "norm": norm,
+        },
         prior=prior,
         latent_dim=2,
         hidden_dims=[16],
@@ -264,6 +301,7 @@ def test_the_engine_trains_it_with_a_kl_per_layer(model, prior):
     m = result.metrics
     assert m["latent_sites"] == ["z1", "z2"]
     assert result.model.num_layers == 2 and result.model.prior.latent_dim == 2
+    assert result.model.norm == norm
     assert isinstance(result.model.prior, VonMisesPrior if prior == "von-mises" else GaussianPrior)
     for row in result.history:
         kl = [row["kl_z1"], row["kl_z2"]]
@@ -285,6 +323,8 @@ def test_the_engine_trains_it_with_a_kl_per_layer(model, prior):
         ({"activation": "sigmoidal"}, "activation"),
         ({"min_scale": 0.0}, "min_scale"),
         ({"min_scale": float("nan")}, "min_scale"),
+        ({"norm": "group"}, "norm"),
+        ({"norm": None}, "norm"),
         ({"prior": "gaussian"}, "Prior"),
         ({"likelihood": BernoulliLikelihood((7,))}, "data shape"),
     ],
