@@ -70,3 +70,16 @@ def test_missing_files_name_what_was_expected(ssl_defaults, tmp_path, monkeypatc
     monkeypatch.setattr(ssl_defaults, "FASHION_DIRS", ())
     with pytest.raises(SystemExit, match=r"train-images-idx3-ubyte\.gz"):
         ssl_defaults.fashion_npz(str(tmp_path), tmp_path / "cache")
+
+
+def test_every_tunable_default_grid_parses_to_values_fit_ssl_takes(ssl_defaults):
+    parse = ssl_defaults.parse_grid
+    assert parse("hidden_dims", "128,256-128, 512-256") == [(128,), (256, 128), (512, 256)]
+    assert parse("latent_dim", "8,16") == [8, 16] and parse("batch_size", "64") == [64]
+    assert parse("lr", "0.0003,0.001") == [0.0003, 0.001] and parse("alpha", "1") == [1.0]
+    for what, grid in ssl_defaults.TUNABLE.items():
+        assert len(parse(what, grid)) == 3
+    assert ssl_defaults._label("hidden_dims", (256, 128)) == "256-128"
+    assert (
+        ssl_defaults._label("alpha", 0.3) == "0.3*D" and ssl_defaults._label("lr", 1e-3) == "0.001"
+    )
