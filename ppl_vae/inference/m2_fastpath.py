@@ -69,9 +69,10 @@ recorded. Anything else keeps that term on Pyro's path for good: another estimat
 IWAE, ``TraceGraph_ELBO`` and score-function guides, any subclass), more than one particle,
 an SSVAE or label guide redefining the methods above, a prior, decoder or likelihood with
 sample sites of its own. A later step whose distributions are of other types than recorded
-(say, the relaxed label guide in eval mode, which draws exact one-hot labels) goes to Pyro,
-checked before each ``rsample`` (networks already run in that step have drawn their dropout
-masks, so its random numbers are not those of a step that went to Pyro at once).
+(say, the relaxed label guide in eval mode, which draws exact one-hot labels) goes to Pyro.
+A type is checked where its distribution is built, which may be after a draw (p(z) after
+q(z|x)'s ``rsample``, and every network's dropout masks), so torch's generator is saved before
+each fast step and rewound on such a fall-back: the step is then exactly the one Pyro takes.
 Label-conditional priors :math:`p(z \mid y)` are served: ``model.p_z`` receives the same
 one-hot (or enumerated, or relaxed) labels as in Pyro's model.
 
