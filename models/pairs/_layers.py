@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
-from ..decoders.base import NORMS, check_activation, check_positive_ints, mlp_trunk
+from ..decoders.base import check_options, check_positive_ints, mlp_trunk
 from ..decoders.mlp import MLPDecoder
 from ..distributions.family import VariationalFamily
 from ..distributions.normal import Normal
@@ -46,7 +46,6 @@ __all__ = [
     "HierarchyBase",
     "StochasticLayer",
     "check_min_scale",
-    "check_norm",
     "precision_weighted",
     "site_name",
 ]
@@ -63,13 +62,6 @@ def check_min_scale(min_scale: Any) -> float:
     if not ok or not math.isfinite(float(min_scale)) or float(min_scale) <= 0:
         raise ConfigError(f"`min_scale` must be a positive finite number, got {min_scale!r}")
     return float(min_scale)
-
-
-def check_norm(norm: Any) -> str:
-    """``norm`` if it is one of the fully connected normalisations, else ConfigError."""
-    if not isinstance(norm, str) or norm not in NORMS:
-        raise ConfigError(f"`norm` must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
-    return norm
 
 
 def precision_weighted(
@@ -270,9 +262,7 @@ class HierarchyBase(RecordsOptions, PyroModule):
         self.hidden_dims = check_positive_ints("hidden_dims", hidden_dims)
         self.lower_latent_dims = check_positive_ints("lower_latent_dims", lower_latent_dims)
         self.layer_hidden_dims = check_positive_ints("layer_hidden_dims", layer_hidden_dims)
-        check_activation(activation)
-        self.activation = activation
-        self.norm = check_norm(norm)
+        self.activation, _, self.norm = check_options(activation, 0.0, norm)
         self.min_scale = check_min_scale(min_scale)
         self.prior = prior
         self.likelihood = likelihood
