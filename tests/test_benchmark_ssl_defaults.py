@@ -77,9 +77,34 @@ def test_every_tunable_default_grid_parses_to_values_fit_ssl_takes(ssl_defaults)
     assert parse("hidden_dims", "128,256-128, 512-256") == [(128,), (256, 128), (512, 256)]
     assert parse("latent_dim", "8,16") == [8, 16] and parse("batch_size", "64") == [64]
     assert parse("lr", "0.0003,0.001") == [0.0003, 0.001] and parse("alpha", "1") == [1.0]
+    assert parse("network", "auto,mlp") == ["auto", "mlp"]
     for what, grid in ssl_defaults.TUNABLE.items():
-        assert len(parse(what, grid)) == 3
+        assert len(parse(what, grid)) == (2 if what == "network" else 3)
     assert ssl_defaults._label("hidden_dims", (256, 128)) == "256-128"
     assert (
         ssl_defaults._label("alpha", 0.3) == "0.3*D" and ssl_defaults._label("lr", 1e-3) == "0.001"
     )
+    assert ssl_defaults._label("network", "mlp") == "mlp"
+
+
+def test_fashion28_is_an_unpooled_prefix_of_the_same_draw(ssl_defaults, tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(6, 28, 28))
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_idx(raw, images, labels)
+    monkeypatch.setattr(ssl_defaults, "SUBSET", 5)
+    monkeypatch.setattr(ssl_defaults, "SUBSET28", 3)
+    order = np.random.default_rng(ssl_defaults.SUBSET_SEED).permutation(6)
+    out = ssl_defaults.fashion_npz(str(raw), tmp_path / "cache", size=28)
+    assert out.name == "fashion28.npz"
+    with np.load(out) as f:
+        x, y = f["x"], f["y"]
+    keep = np.sort(order[:3])  # the first 3 of the draw, in file order, not pooled
+    assert x.shape == (3, 1, 28, 28) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x[:, 0], images[keep])
+    np.testing.assert_array_equal(y, labels[keep])
+    with np.load(ssl_defaults.fashion_npz(str(raw), tmp_path / "cache")) as f:
+        assert set(keep) <= set(f["y"].tolist())  # inside the 14x14 subset of 5
+        assert len(f["y"]) == 5
