@@ -6,12 +6,12 @@ nats per latent dimension (Kingma et al. 2016), and the IWAE bound with k = 5 (B
 2016). Models: the built-in VAE (10 latent dimensions, MLP 256-128) and ``--model hierarchical``
 with z1 of 20 below the top z2 of 10 (two hidden layers of 64 between them), as in
 ``benchmarks/latent_structure_digits.py``; ``--models`` adds ``ladder`` (``--model ladder``
-with the same widths) and ``vae-bn``, ``hierarchical-bn``, ``ladder-bn`` (the same three with
-batch normalisation before every hidden activation, ``norm="batch"``, as Sønderby et al.
-2016). Every run: dynamic binarisation, Bernoulli, 50
-epochs, test log p(x) with K = 1000, the best validation epoch's weights. Prints, for each
-seed, the test log p(x) and the last epoch's validation KL per latent site, then a Markdown
-table of mean ± sd.
+with the same widths), ``hierarchical3`` (L = 3: z1 40, z2 20, z3 10) and ``vae-bn``,
+``hierarchical-bn``, ``ladder-bn`` (the same three with batch normalisation before every
+hidden activation, ``norm="batch"``, as Sønderby et al. 2016). Every run: dynamic
+binarisation, Bernoulli, 50 epochs (``--epochs``), test log p(x) with K = 1000, the best
+validation epoch's weights. Prints, for each seed, the test log p(x) and the last epoch's
+validation KL per latent site, then a Markdown table of mean ± sd.
 
 ``--data`` trains on another data set instead of digits: anything ``fit(data=...)`` takes, e.g.
 the 14x14 Fashion-MNIST subset of ``benchmarks/ssl_defaults.py`` (``runs/data/fashion14.npz``,
@@ -46,6 +46,10 @@ MODELS = {  # key: (column label, fit options)
         {"model": "hierarchical", "model_args": _TWO_LAYERS},
     ),
     "ladder": ("ladder, 2 layers", {"model": "ladder", "model_args": _TWO_LAYERS}),
+    "hierarchical3": (
+        "hierarchical, 3 layers",
+        {"model": "hierarchical", "model_args": {**_TWO_LAYERS, "lower_latent_dims": [40, 20]}},
+    ),
     "vae-bn": (
         "VAE, 1 layer, batch norm",
         {"encoder_args": {"norm": "batch"}, "decoder_args": {"norm": "batch"}},

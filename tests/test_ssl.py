@@ -551,3 +551,43 @@ def test_alpha_auto_on_the_cli_and_in_metrics(tmp_path, monkeypatch, capsys):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["alpha"] == 64.0 and m["alpha_setting"] == "auto"
     assert m["alpha_paper"] == pytest.approx(64.0 * (m["labels"] + m["unlabelled"]))
+
+
+@pytest.mark.parametrize(
+    ("network", "shape", "expected"),
+    [("auto", (1, 28, 28), "mlp"), ("auto", (1, 16, 16), "mlp"), ("auto", (1, 8, 8), "mlp"),
+     ("auto", (1, 32, 32), "conv"), ("auto", (1, 28, 32), "conv"), ("auto", (3, 32, 32), "conv"),
+     ("auto", (3, 28, 28), "conv"), ("auto", (64,), "mlp"), ("conv", (1, 28, 28), "conv"),
+     ("mlp", (3, 32, 32), "mlp")],
+)  # fmt: skip
+def test_m2_auto_network_is_the_mlp_for_one_channel_images_up_to_28x28(network, shape, expected):
+    """M2's ``auto`` (issue 15: the decoder runs once per class, so conv costs M2 K times what
+    it costs a VAE): the MLP for one-channel images of at most 28 x 28 pixels, else the VAE's
+    rule (conv for images of 16x16 and more); a named network is taken as it is."""
+    from ppl_vae.ssl import choose_ssl_network
+
+    assert choose_ssl_network(network, shape) == expected
+
+
+def test_a_run_records_the_network_it_built_and_a_saved_auto_keeps_the_earlier_rule(tmp_path):
+    """A fresh M2 run on 1x28x28 data builds the MLPs and writes ``network = "mlp"`` into its
+    config; a saved ``"auto"`` (a run written before the network was recorded) rebuilds the
+    convolutional networks that run trained, so its weights still load."""
+    from ppl_vae.runs.reopen import load_run
+    from ppl_vae.ssl import build_ssl_run
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((60, 1, 28, 28)) < 0.2, y=np.arange(60) % 3)
+    options = dict(data=str(tmp_path / "d.npz"), labels=6, epochs=1, batch_size=16,
+                   latent_dim=2, hidden_dims=[8], elbo_samples=1, device="cpu",
+                   latent_diagnostics=False)  # fmt: skip
+    r = fit_ssl(out=tmp_path / "run", quiet=True, figures=False, **options)
+    assert r.config.network == "mlp" and type(r.model.encoder).__name__ == "MLPEncoder"
+    assert 'network = "mlp"' in (tmp_path / "run" / "config.toml").read_text()
+    assert type(load_run(tmp_path / "run").model.decoder).__name__ == "MLPDecoder"
+    cfg = SSLConfig(**options)  # network "auto"
+    assert build_ssl_run(cfg).config.network == "mlp"
+    legacy = build_ssl_run(cfg, saved=True)
+    assert legacy.config.network == "conv"
+    assert type(legacy.model.encoder).__name__ == "ConvEncoder"
+    assert type(legacy.model.label_guide.net).__name__ != type(r.model.label_guide.net).__name__

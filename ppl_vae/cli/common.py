@@ -246,7 +246,9 @@ def add_run_options(
     g.add_argument(
         "--network",
         choices=("auto", "mlp", "conv"),
-        help=f"network type (default {d.network}: conv for images of 16x16 and more)",
+        help=text(
+            "network", f"network type (default {d.network}: conv for images of 16x16 and more)"
+        ),
     )
     add_network_options(g)
     g = groups["optimisation"] = p.add_argument_group("objective and optimisation")

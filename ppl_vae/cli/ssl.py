@@ -83,6 +83,8 @@ def register(subparsers: Any) -> None:
             "discretized-logistic for 8-bit/quantised data)",
             "hidden_dims": "hidden widths of encoder, decoder and classifier, comma list "
             "(default 256,128)",
+            "network": f"network type (default {d.network}: the MLP for one-channel images of "
+            "at most 28x28 pixels, conv for other images of 16x16 and more)",
             "epochs": f"passes over the unlabelled data (default {d.epochs})",
             "batch_size": f"unlabelled points per step (default {d.batch_size})",
             "seed": "random seed: initialisation and training, and the split and labelled "

@@ -135,7 +135,7 @@ def _load_m2_run(run_dir: Path, dev: torch.device, test_data: str | None) -> Run
 
     cfg = load_run_config(run_dir / "config.toml")
     assert isinstance(cfg, SSLConfig)
-    built = build_ssl_run(cfg, device=dev, download=False)
+    built = build_ssl_run(cfg, device=dev, download=False, saved=True)
     ds, test_x = built.dataset, built.splits[2]
     if test_data is not None:
         ds, test_x = _replace_test_split(built, test_data)
