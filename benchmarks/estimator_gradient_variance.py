@@ -16,6 +16,7 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/estimator_gradient_variance.py [--row
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -23,6 +24,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from ppl_vae.cli import run_command
 from ppl_vae.inference.estimators import make_elbo
 
 DTYPE = torch.float64
@@ -59,11 +61,11 @@ def guide_gradient_variance(spec: str, point: dict[str, torch.Tensor], copies: i
     return grads.reshape(copies, X_BASE.shape[0], -1).var(0).sum().item()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4000, help="gradient samples per data point")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     pyro.set_rng_seed(args.seed)
     pairs = [("stl", "trace"), ("dreg:3", "iwae:3"), ("dreg:10", "iwae:10")]
     header = "t (0 = exact posterior, 1 = away)"
@@ -84,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("estimator_gradient_variance.py", main))

@@ -22,6 +22,9 @@ import subprocess
 import sys
 import time
 
+from ppl_vae.cli import run_command
+from ppl_vae.training.setup import resolve_device
+
 NETWORKS = ("mlp", "conv")
 
 
@@ -84,7 +87,7 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ks", default="100,1000,5000", help="values of K (default 100,1000,5000)")
     p.add_argument("--mlp-points", type=int, default=360, help="digits test points (default all)")
@@ -93,11 +96,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="K = 100, 1000 and 64 conv points")
     p.add_argument("--child", nargs=5, metavar=("NET", "K", "MODE", "POINTS", "DEVICE"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         net, k, mode, points, device = args.child
         print(json.dumps(_child(net, int(k), mode, int(points), device, args.eval_memory)))
         return
+    resolve_device(args.device)  # no CUDA: a one-line error before any child starts
     ks = [100, 1000] if args.quick else [int(v) for v in args.ks.split(",")]
     points = {"mlp": args.mlp_points, "conv": 64 if args.quick else args.conv_points}
     rows = []
@@ -130,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("eval_memory.py", main))

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import warnings
 
 from ppl_vae import fit
+from ppl_vae.cli import run_command
 
 RECIPES = {  # key: (row label, fit options)
     "plain": ("plain ELBO (default)", {}),
@@ -75,7 +77,7 @@ def _pick(table: dict, names: str, flag: str) -> dict:
     return {k: v for k, v in table.items() if k in asked}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=50)
@@ -83,7 +85,7 @@ def main() -> None:
     p.add_argument("--models", default="vae,hierarchical", help=f"columns, of {list(MODELS)}")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"rows, of {list(RECIPES)}")
     p.add_argument("--data", default="digits", help="a data set name or .npy/.npz file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     models = _pick(MODELS, args.models, "--models")
     recipes = _pick(RECIPES, args.recipes, "--recipes")
@@ -110,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("kl_recipes_digits.py", main))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import warnings
 from typing import Any
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 
 from ppl_vae import fit
+from ppl_vae.cli import run_command
 from ppl_vae.training.diagnostics import LatentCollapseWarning
 
 TOP = 10  # the top layer (and the 1-layer models' latent_dim)
@@ -246,4 +248,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("latent_structure_digits.py", main))

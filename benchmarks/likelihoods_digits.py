@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 from ppl_vae import fit
+from ppl_vae.cli import run_command
 from ppl_vae.models.likelihoods.units import bits_per_dim
 
 RUNS = [
@@ -30,7 +32,7 @@ RUNS = [
 ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--seeds", default="0")
@@ -38,7 +40,7 @@ def main() -> None:
     p.add_argument("--log-likelihood-samples", type=int, default=1000)
     p.add_argument("--device", default="auto")
     p.add_argument("--only", default="", help="comma-separated likelihood names to run (default: all)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     only = {n.strip() for n in args.only.split(",") if n.strip()}
     rows = []
@@ -67,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("likelihoods_digits.py", main))

@@ -79,12 +79,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ppl_vae.cli import run_command
 from ppl_vae.data import Dataset, load_data
 from ppl_vae.kinds.base import StepState
 from ppl_vae.kinds.m2 import M2Kind
 from ppl_vae.ssl import SSLConfig, build_ssl_run
 from ppl_vae.training.optim import make_adam
-from ppl_vae.training.setup import initialize_from_data
+from ppl_vae.training.setup import initialize_from_data, resolve_device
 from ppl_vae.training.trainer import Settings, Trainer
 
 NUM_CLASSES = 10
@@ -414,7 +415,7 @@ def epoch_table(epochs: int, device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="smoke test: tiny batches, 2 rounds")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument(
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         help="instead: seconds per epoch of ppl-vae ssl's defaults on digits upsampled to 28x28",
     )  # fmt: skip
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     with pyro.settings.context(module_local_params=True):
         if args.epoch28:
@@ -477,4 +478,4 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("m2_speed.py", main))

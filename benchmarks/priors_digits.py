@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 from ppl_vae import fit
+from ppl_vae.cli import run_command
 from ppl_vae.components import available
 
 
@@ -23,7 +25,7 @@ def vae_priors() -> list[str]:
     return [p for p in available("prior") if not resolve(p, "prior").label_conditional]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--priors", default=",".join(vae_priors()))
     p.add_argument("--latent-dims", default="2,5,10")
@@ -32,7 +34,7 @@ def main() -> None:
     p.add_argument("--estimator", default="trace")
     p.add_argument("--log-likelihood-samples", type=int, default=1000)
     p.add_argument("--device", default="auto")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     priors = args.priors.split(",")
     dims = [int(d) for d in args.latent_dims.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -67,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("priors_digits.py", main))

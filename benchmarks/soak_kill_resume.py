@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from ppl_vae.cli import run_command
+
 FLAGS = [
     "--hidden-dims",
     "8",
@@ -290,4 +292,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("soak_kill_resume.py", main))

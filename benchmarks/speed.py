@@ -100,8 +100,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import ppl_vae.kinds.batched as batched_module  # the one-batch kinds: their validation
 import ppl_vae.kinds.vae as train_module  # the VAE kind: its step loss
 from ppl_vae import Dataset, build_vae, fit, load_data, score
+from ppl_vae.cli import run_command
 from ppl_vae.inference.fastpath import build_loss
 from ppl_vae.training.optim import make_adam
+from ppl_vae.training.setup import resolve_device
 
 LATENT = 20
 HIDDEN = 400
@@ -755,12 +757,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)  # no CUDA: a one-line error, exit code 2
     if args.child:
         child(args)
         return
-    device = torch.device(args.device)
     if args.jit:  # Pyro's JIT ELBOs call torch.jit.trace, deprecated in torch 2.x
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
     rounds = args.rounds or (2 if args.quick else 5)
@@ -792,4 +792,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("speed.py", main))

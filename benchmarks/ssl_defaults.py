@@ -76,6 +76,7 @@ from typing import Any
 import numpy as np
 from ssl_digits import _map  # the same process pool (a sibling script)
 
+from ppl_vae.cli import run_command
 from ppl_vae.ssl import fit_ssl
 
 FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -308,4 +309,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_command("ssl_defaults.py", main))

@@ -96,6 +96,7 @@ from typing import Any
 
 import torch
 
+from ppl_vae.cli import run_command
 from ppl_vae.ssl import fit_ssl
 
 #: The fixed M2 settings and stage 1's choice (``--tune``; module docstring). Stage 1 always
@@ -508,4 +509,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("ssl_digits.py", main))

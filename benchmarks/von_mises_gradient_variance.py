@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import Trace_ELBO
 
+from ppl_vae.cli import run_command
 from ppl_vae.models.distributions.von_mises import ReparameterizedVonMises
+from ppl_vae.training.setup import resolve_device
 
 
 def f(z: torch.Tensor) -> torch.Tensor:
@@ -73,7 +76,7 @@ def elbo_grads(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--kappas", type=float, nargs="+", default=[1.0, 8.0, 30.0])
     parser.add_argument("--loc", type=float, default=0.5, help="guide location")
     parser.add_argument(
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         "--replicates", type=int, default=20_000, help="independent estimates per cell"
     )
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     pyro.set_rng_seed(args.seed)
     dtype = torch.float64
 
@@ -117,4 +120,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("von_mises_gradient_variance.py", main))

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from ppl_vae.cli import run_command
 from ppl_vae.runs.compare import compare_estimators
 
 
@@ -75,4 +76,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # the runs start in fresh 'spawn'-ed processes: keep this guard
-    sys.exit(main())
+    sys.exit(run_command("compare_estimators.py", main))

@@ -8,6 +8,7 @@ outlying pixel values. The same class trains from the command line:
 """
 
 import argparse
+import sys
 
 import pyro.distributions as dist
 import torch
@@ -15,6 +16,7 @@ from pyro.nn import PyroParam
 from torch.distributions import constraints
 
 from ppl_vae import fit
+from ppl_vae.cli import run_command
 from ppl_vae.models.likelihoods import Likelihood
 
 
@@ -34,12 +36,12 @@ class StudentTLikelihood(Likelihood):
         return dist.StudentT(self.df, loc, scale).to_event(self.event_dim)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--out", default="runs/new-likelihood")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget (for the tests)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     budget = dict(epochs=args.epochs)
     if args.smoke:
         budget.update(epochs=1, hidden_dims=[32], log_likelihood_samples=10)
@@ -53,3 +55,7 @@ if __name__ == "__main__":
         )
         m = result.metrics
         print(f"{m['likelihood']:>40}: test log p(x) {m['test_log_likelihood']:.2f} nats per digit")
+
+
+if __name__ == "__main__":
+    sys.exit(run_command("new_likelihood.py", main))

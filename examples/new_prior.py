@@ -14,12 +14,14 @@ Normal on the prior's support, again with no guide code.
 """
 
 import argparse
+import sys
 
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroParam
 
 from ppl_vae import fit
+from ppl_vae.cli import run_command
 from ppl_vae.models.priors import Prior
 
 
@@ -48,12 +50,12 @@ class TwoClusterPrior(Prior):
         return dist.MixtureSameFamily(both, dist.Normal(locs, 1.0).to_event(1))
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--out", default="runs/new-prior")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget (for the tests)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     budget = dict(epochs=args.epochs)
     if args.smoke:
         budget.update(epochs=1, hidden_dims=[32], log_likelihood_samples=10)
@@ -72,3 +74,7 @@ if __name__ == "__main__":
             f"{prior.__name__:>15} {estimator:>9}: test ELBO {m['test_elbo']:.2f}, "
             f"log p(x) {m['test_log_likelihood']:.2f} nats per digit"
         )
+
+
+if __name__ == "__main__":
+    sys.exit(run_command("new_prior.py", main))

@@ -13,6 +13,7 @@ same class trains from the command line:
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -21,6 +22,7 @@ from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
 from ppl_vae import fit
+from ppl_vae.cli import run_command
 
 
 class TwoLayerVAE(PyroModule):
@@ -60,10 +62,10 @@ class TwoLayerVAE(PyroModule):
             pyro.sample("z2", self._normal(self.enc_z2(z1)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="a tiny run (for the tests)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     budget = dict(epochs=2, max_train=256, log_likelihood_samples=10) if args.smoke else {}
     result = fit(
         model=TwoLayerVAE,
@@ -82,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("own_model.py", main))

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ppl_vae import fit
+from ppl_vae.cli import run_command
 from ppl_vae.data import default_root
 from ppl_vae.ssl import fit_ssl
 
@@ -141,4 +142,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("svhn_semisupervised.py", main))

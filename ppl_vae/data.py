@@ -615,9 +615,17 @@ def _read_file(
     if suffix not in (".npy", ".npz"):
         raise ConfigError(f"{role} file {path} has extension {suffix!r}; expected .npy or .npz")
     try:
+        # Opened here so that the handle is closed even when the file fails to parse (given a
+        # path, np.load leaves its own handle open when a zip header does not parse).
         if suffix == ".npy":
-            return np.asarray(np.load(path, allow_pickle=False)), None, str(path), path.name
-        # Opened here so the handle is closed even when the archive fails to parse.
+            with open(path, "rb") as handle:
+                array = np.load(handle, allow_pickle=False)
+                if not isinstance(array, np.ndarray):  # a zip archive under a .npy name
+                    raise ConfigError(
+                        f"data file {path} is an .npz archive, not an .npy array; rename it "
+                        f"to {path.with_suffix('.npz').name}"
+                    )
+                return np.asarray(array), None, str(path), path.name
         with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as loaded:
             keys = list(loaded.files)
             xkey = next((k for k in ("x", "data", "X") if k in keys), None)

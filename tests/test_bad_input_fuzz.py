@@ -364,9 +364,6 @@ def _check_data(env: Env, data: st.DataObject) -> None:
     expect_usage_error(env, ["fit", *TINY, "--out", str(env.never), *fault], "data files")
 
 
-# np.load leaves its file open when a .npz is not a zip file (numpy, not ppl_vae: the CLI still
-# prints one line); pytest would report the garbage-collected handle as an unraisable warning.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_or_mismatched_data(env: Env) -> None:
     _check_data(env)
     assert TRIED["data files"] >= 150

@@ -5,9 +5,11 @@ makes any socket use fail.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +271,31 @@ def test_npy_file_without_labels(tmp_path: Path) -> None:
     assert data.num_levels is None and data.num_classes is None and data.train_y is None
     assert data.name == "points.npy" and data.source == str(tmp_path / "points.npy")
     assert _rows(_all_x(data)) == _rows(torch.from_numpy(x.astype(np.float32)))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("archive", r"is an \.npz archive, not an \.npy array; rename it to a\.npz"),
+        ("broken zip", r"could not read data file .*a\.npy"),
+        ("broken npy", r"could not read data file .*a\.npy"),
+    ],
+)
+def test_an_unreadable_npy_file_is_one_error_and_leaves_no_file_open(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "a.npy"
+    if content == "archive":  # np.savez appends .npz to a name without it
+        np.savez(tmp_path / "a", x=np.zeros((5, 4), dtype=np.float32))
+        (tmp_path / "a.npz").rename(path)
+    else:
+        path.write_bytes((b"PK\x03\x04" if content == "broken zip" else b"\x93NUMPY") + b"\0" * 40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match=message):
+            load_data(path)
+        gc.collect()  # a handle left open is closed here, with a ResourceWarning
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 @pytest.mark.parametrize("keys", [("x", "y"), ("data", "labels"), ("X", "y")])

@@ -15,12 +15,12 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..models.errors import ConfigError
 from .common import EXIT_USAGE, Parser
 
-__all__ = ["EXIT_USAGE", "build_parser", "main"]
+__all__ = ["EXIT_USAGE", "build_parser", "main", "run_command"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if interrupted:
         print("ppl-vae: interrupted", file=sys.stderr)
         return 130
-    from ..train import TrainingError
     from ..training.distributed import environment
 
     # Under torchrun every rank reports its own error; ranks other than 0 say which they are.
@@ -72,10 +71,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError:
         rank = 0
     prog = f"ppl-vae {args.command}" + (f" (rank {rank})" if rank else "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        return run_command(prog, lambda: args.func(args))
+
+
+def run_command(prog: str, fn: Callable[[], int | None]) -> int:
+    """Run ``fn()`` and turn the library's errors into a one-line message and an exit code.
+
+    The error layer of ``ppl-vae``, for scripts built on the library too (``examples/``,
+    ``benchmarks/``): ``sys.exit(run_command("my_script.py", main))``.
+
+    - :class:`~ppl_vae.ConfigError` (bad input: options, data, files): ``prog: error: ...``
+      on stderr, exit code 2 (:data:`EXIT_USAGE`);
+    - :class:`~ppl_vae.TrainingError`, out of memory, an :class:`OSError` (disk,
+      permissions): the message, exit code 1;
+    - ``KeyboardInterrupt``: ``prog: interrupted``, exit code 130.
+
+    ``fn``'s own return value (``None`` is 0) is the exit code otherwise. Anything else is a
+    bug and keeps its traceback. ``PPL_VAE_DEBUG=1`` prints the traceback before the line.
+    """
+    from ..train import TrainingError
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            return int(args.func(args) or 0)
+        return int(fn() or 0)
     except ConfigError as e:
         _debug_traceback(e)
         print(f"{prog}: error: {e}", file=sys.stderr)

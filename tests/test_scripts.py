@@ -1,0 +1,127 @@
+"""The scripts in ``examples/`` and ``benchmarks/`` answer bad input as ``ppl-vae`` does.
+
+Every script's entry point goes through :func:`ppl_vae.cli.run_command`: a
+:class:`~ppl_vae.ConfigError` is one line on stderr and exit code 2, never a traceback, and no
+file is written.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppl_vae import ConfigError, TrainingError
+from ppl_vae.cli import EXIT_USAGE, run_command
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*ROOT.glob("examples/*.py"), *ROOT.glob("benchmarks/*.py")])
+
+#: the scripts with a ``--device`` option (run with ``--device cuda`` where CUDA is hidden)
+DEVICE_SCRIPTS = [
+    "benchmarks/eval_memory.py",
+    "benchmarks/latent_structure_digits.py",
+    "benchmarks/likelihoods_digits.py",
+    "benchmarks/m2_speed.py",
+    "benchmarks/priors_digits.py",
+    "benchmarks/speed.py",
+    "benchmarks/von_mises_gradient_variance.py",
+    "examples/svhn_semisupervised.py",
+]
+
+
+# -- run_command ---------------------------------------------------------------------------------
+def _raise(e: BaseException):
+    def fn():
+        raise e
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (ConfigError("`labels` must be a positive integer, got -5"), EXIT_USAGE),
+        (TrainingError("non-finite loss at epoch 3, batch 7"), 1),
+        (OSError(28, "No space left on device", "/runs/a/checkpoint.pt"), 1),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1),
+    ],
+)
+def test_run_command_turns_an_error_into_one_line_and_its_exit_code(error, code, capsys):
+    assert run_command("my_script.py", _raise(error)) == code
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("my_script.py: error: "), err
+    first = str(error).splitlines()[0] if not isinstance(error, OSError) else error.strerror
+    assert first in err
+
+
+def test_run_command_returns_the_scripts_own_code_and_keeps_a_bugs_traceback(capsys):
+    assert run_command("s.py", lambda: None) == 0
+    assert run_command("s.py", lambda: 3) == 3
+    assert run_command("s.py", _raise(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "s.py: interrupted\n"
+    with pytest.raises(ZeroDivisionError):  # a bug is not bad input: its traceback stays
+        run_command("s.py", lambda: 1 / 0)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not an out-of-memory error
+        run_command("s.py", _raise(RuntimeError("shape mismatch")))
+
+
+# -- every script uses it ------------------------------------------------------------------------
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_script_enters_through_run_command(path):
+    tree = ast.parse(path.read_text())
+    guards = [
+        node for node in tree.body
+        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)
+    ]  # fmt: skip
+    assert len(guards) == 1, f"{path.name}: no `if __name__ == '__main__':` block"
+    call = f"sys.exit(run_command({path.name!r}, main))"
+    assert call in ast.unparse(guards[0]), f"{path.name}: end with {call}"
+
+
+# -- and answers bad input in one line -----------------------------------------------------------
+def _run(argv: list[str], cwd: Path) -> subprocess.Popen:
+    # CUDA hidden: the same answer on a machine with a GPU
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MPLBACKEND="Agg")
+    return subprocess.Popen(
+        [sys.executable, *argv], cwd=cwd, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def _check_one_line_error(name: str, code: int, out: str, err: str) -> None:
+    assert code == EXIT_USAGE, f"{name}: exit {code}\n{err[-2000:]}"
+    assert err.count("\n") == 1 and err.startswith(f"{name}: error: "), err[-2000:]
+    assert "Traceback" not in err and out == "", out
+
+
+@pytest.mark.slow
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
+    procs = {}
+    for script in DEVICE_SCRIPTS:  # all at once: each start is an import of torch and Pyro
+        cwd = tmp_path / Path(script).stem
+        cwd.mkdir()
+        procs[script] = (_run([str(ROOT / script), "--device", "cuda"], cwd), cwd)
+    done = {script: (*proc.communicate(timeout=300), cwd) for script, (proc, cwd) in procs.items()}
+    for script, (out, err, cwd) in done.items():
+        _check_one_line_error(Path(script).name, procs[script][0].returncode, out, err)
+        assert "--device cuda was asked for but no CUDA device is available" in err
+        assert list(cwd.iterdir()) == [], f"{script} wrote {list(cwd.iterdir())}"
+
+
+@pytest.mark.slow
+def test_the_svhn_example_without_the_data_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "data").mkdir()
+    proc = _run(
+        [str(ROOT / "examples" / "svhn_semisupervised.py"), "--data-root", "data", "--out", "r"],
+        tmp_path,
+    )
+    out, err = proc.communicate(timeout=300)
+    _check_one_line_error("svhn_semisupervised.py", proc.returncode, out, err)
+    assert "data set 'svhn' not found" in err and "train_32x32.mat" in err and "--download" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no run directory begun
