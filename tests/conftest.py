@@ -75,6 +75,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--device", default="cpu", choices=("cpu", "cuda"), help="device for tests that take one"
     )
+    parser.addoption(
+        "--device-only",
+        action="store_true",
+        help="run only the tests that take the device fixture (the GPU checks with --device cuda)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--device-only"):
+        return
+    keep = [item for item in items if "device" in getattr(item, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ unlabelled bound) is evaluated twice from the same parameters and the same seed
 (``pyro.set_rng_seed``, so both draw the same :math:`z` and relaxed :math:`y`): once by the fast
 path, once by the estimator's ``differentiable_loss`` on the model/guide pair.
 
+On a GPU (``pytest --device cuda``) the same two tests run there: the fast path draws from the
+CUDA generator and rewinds it on a fall-back.
+
 Tolerance: none. **Values and gradients must be bitwise equal** (``torch.equal``): the fast
 path repeats Pyro's operations in Pyro's order, including the float64 addition of the
 ``Trace_ELBO`` site sums and ``TraceEnum_ELBO``'s one ``tensordot`` per site on Pyro's packed
@@ -106,10 +109,10 @@ def assert_same(fast, g_fast, ref, g_ref) -> None:
 
 @pytest.mark.parametrize("guide", list(GUIDES))
 @pytest.mark.parametrize("prior", PRIORS)
-def test_every_term_equals_pyro_for_every_prior(guide: str, prior: str) -> None:
-    model = make_model(guide, prior)
+def test_every_term_equals_pyro_for_every_prior(guide: str, prior: str, device) -> None:
+    model = make_model(guide, prior).to(device)
     loss = make_loss(model, guide)
-    x, y = batch()
+    x, y = (t.to(device) for t in batch())
     for term in TERMS:
         args = term_args(term, x, y)
         getattr(loss, term)(*args)  # the validated Pyro step decides
@@ -123,10 +126,10 @@ def test_every_term_equals_pyro_for_every_prior(guide: str, prior: str) -> None:
 @pytest.mark.parametrize("guide", list(GUIDES))
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("prior", ["gaussian", "von-mises"])
-def test_every_term_equals_pyro_for_every_likelihood(guide: str, likelihood: str, prior: str):
-    model = make_model(guide, prior, likelihood)
+def test_every_term_equals_pyro_for_every_likelihood(guide, likelihood, prior, device) -> None:
+    model = make_model(guide, prior, likelihood).to(device)
     loss = make_loss(model, guide)
-    x, y = batch(likelihood)
+    x, y = (t.to(device) for t in batch(likelihood))
     for term in TERMS:
         args = term_args(term, x, y)
         getattr(loss, term)(*args)

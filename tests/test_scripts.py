@@ -63,6 +63,7 @@ def test_run_command_turns_an_error_into_one_line_and_its_exit_code(error, code,
 def test_run_command_returns_the_scripts_own_code_and_keeps_a_bugs_traceback(capsys):
     assert run_command("s.py", lambda: None) == 0
     assert run_command("s.py", lambda: 3) == 3
+    assert run_command("s.py", lambda: [{"rows": 1}]) == 0  # a script's results: success
     assert run_command("s.py", _raise(KeyboardInterrupt())) == 130
     assert capsys.readouterr().err == "s.py: interrupted\n"
     with pytest.raises(ZeroDivisionError):  # a bug is not bad input: its traceback stays
@@ -125,3 +126,31 @@ def test_the_svhn_example_without_the_data_is_one_line_and_exit_2(tmp_path):
     _check_one_line_error("svhn_semisupervised.py", proc.returncode, out, err)
     assert "data set 'svhn' not found" in err and "train_32x32.mat" in err and "--download" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no run directory begun
+
+
+# -- the prepared GPU checks ---------------------------------------------------------------------
+GPU_CHECKS = ROOT / "benchmarks" / "gpu_checks.sh"
+
+
+def test_gpu_checks_refuse_an_unknown_step_in_one_line(tmp_path):
+    r = subprocess.run(["bash", str(GPU_CHECKS), "go"], capture_output=True, text=True)
+    assert r.returncode == EXIT_USAGE and r.stdout == ""
+    assert r.stderr == (
+        "gpu_checks.sh: error: expected 'wheels' (here) or 'run' (on the GPU machine), got 'go'\n"
+    )
+
+
+@pytest.mark.slow
+def test_gpu_checks_run_their_three_steps_on_the_cpu(tmp_path):
+    """The plumbing of the device session's one command: the same steps, CPU, smoke budgets."""
+    out = tmp_path / "out"
+    env = dict(os.environ, DEVICE="cpu", QUICK="1", OUT=str(out), PYTHON=sys.executable)
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run(["bash", str(GPU_CHECKS), "run"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("torch ") and "cuda False" in summary[0]
+    assert [line.split(":")[0] for line in summary[1:]] == ["tests", "m2_speed", "speed"]
+    assert all(": exit 0 after " in line for line in summary[1:]), summary
+    assert "passed" in (out / "tests.log").read_text()
+    assert "| 64 | enumerate |" in (out / "m2_speed.log").read_text()

@@ -88,13 +88,15 @@ def run_command(prog: str, fn: Callable[[], int | None]) -> int:
       permissions): the message, exit code 1;
     - ``KeyboardInterrupt``: ``prog: interrupted``, exit code 130.
 
-    ``fn``'s own return value (``None`` is 0) is the exit code otherwise. Anything else is a
-    bug and keeps its traceback. ``PPL_VAE_DEBUG=1`` prints the traceback before the line.
+    Any other exception is a bug and keeps its traceback; ``PPL_VAE_DEBUG=1`` prints the
+    traceback before the line. Without an exception, ``fn``'s return value is the exit code if
+    it is an ``int``; any other value (``None``, a script's results) is success, 0.
     """
     from ..train import TrainingError
 
     try:
-        return int(fn() or 0)
+        code = fn()
+        return code if isinstance(code, int) else 0
     except ConfigError as e:
         _debug_traceback(e)
         print(f"{prog}: error: {e}", file=sys.stderr)
