@@ -15,7 +15,6 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/estimator_gradient_variance.py [--row
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import pyro
@@ -25,6 +24,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser
 from ppl_vae.inference.estimators import make_elbo
 
 DTYPE = torch.float64
@@ -62,7 +62,7 @@ def guide_gradient_variance(spec: str, point: dict[str, torch.Tensor], copies: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4000, help="gradient samples per data point")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

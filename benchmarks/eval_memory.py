@@ -16,13 +16,13 @@ imports, the model, the data and a tiny warm-up pass). On CUDA the growth is
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser, int_list
 from ppl_vae.training.setup import resolve_device
 
 NETWORKS = ("mlp", "conv")
@@ -88,8 +88,8 @@ def _mib(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ks", default="100,1000,5000", help="values of K (default 100,1000,5000)")
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ks", type=int_list, default="100,1000,5000", help="values of K (default 100,1000,5000)")
     p.add_argument("--mlp-points", type=int, default=360, help="digits test points (default all)")
     p.add_argument("--conv-points", type=int, default=128, help="28x28 points (default 128)")
     p.add_argument("--eval-memory", default="512MiB", help="the budget (default 512MiB)")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_child(net, int(k), mode, int(points), device, args.eval_memory)))
         return
     resolve_device(args.device)  # no CUDA: a one-line error before any child starts
-    ks = [100, 1000] if args.quick else [int(v) for v in args.ks.split(",")]
+    ks = [100, 1000] if args.quick else args.ks
     points = {"mlp": args.mlp_points, "conv": 64 if args.quick else args.conv_points}
     rows = []
     for net in NETWORKS:

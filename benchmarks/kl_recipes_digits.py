@@ -26,13 +26,13 @@ the 14x14 Fashion-MNIST subset of ``benchmarks/ssl_defaults.py`` (``runs/data/fa
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import warnings
 
 from ppl_vae import fit
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser, int_list, name_list
 
 RECIPES = {  # key: (row label, fit options)
     "plain": ("plain ELBO (default)", {}),
@@ -67,28 +67,24 @@ MODELS = {  # key: (column label, fit options)
 }
 
 
-def _pick(table: dict, names: str, flag: str) -> dict:
-    """The entries of ``table`` whose keys are in the comma-separated ``names``, in the
-    table's order."""
-    asked = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in asked if n not in table]
-    if unknown:
-        raise SystemExit(f"{flag}: expected names from {list(table)}, got {unknown}")
-    return {k: v for k, v in table.items() if k in asked}
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", default="0,1,2")
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int_list, default="0,1,2")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--log-likelihood-samples", type=int, default=1000)
-    p.add_argument("--models", default="vae,hierarchical", help=f"columns, of {list(MODELS)}")
-    p.add_argument("--recipes", default=",".join(RECIPES), help=f"rows, of {list(RECIPES)}")
+    p.add_argument(
+        "--models", type=name_list(MODELS), default="vae,hierarchical",
+        help=f"columns, of {list(MODELS)}",
+    )  # fmt: skip
+    p.add_argument(
+        "--recipes", type=name_list(RECIPES), default=",".join(RECIPES),
+        help=f"rows, of {list(RECIPES)}",
+    )  # fmt: skip
     p.add_argument("--data", default="digits", help="a data set name or .npy/.npz file")
     args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    models = _pick(MODELS, args.models, "--models")
-    recipes = _pick(RECIPES, args.recipes, "--recipes")
+    seeds = args.seeds
+    models = {k: v for k, v in MODELS.items() if k in args.models}  # in the table's order
+    recipes = {k: v for k, v in RECIPES.items() if k in args.recipes}
     warnings.simplefilter("ignore")  # the collapse warning, expected for some recipes
     rows = []
     for recipe, options in recipes.values():

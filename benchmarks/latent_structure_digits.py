@@ -43,6 +43,7 @@ import torch
 
 from ppl_vae import fit
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser, int_list, name_list
 from ppl_vae.training.diagnostics import LatentCollapseWarning
 
 TOP = 10  # the top layer (and the 1-layer models' latent_dim)
@@ -185,9 +186,11 @@ def table(records: list[dict[str, Any]], keys: list[str], seeds: list[int]) -> s
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
-    p.add_argument("--seeds", default="0,1,2")
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--rows", type=name_list(ROWS), default=",".join(ROWS), help=f"subset of {','.join(ROWS)}"
+    )
+    p.add_argument("--seeds", type=int_list, default="0,1,2")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--estimator", default="trace")
     p.add_argument("--log-likelihood-samples", type=int, default=1000)
@@ -198,11 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.log_likelihood_samples = 1, 10
-    keys = args.rows.split(",")
-    unknown = [k for k in keys if k not in ROWS]
-    if unknown:
-        p.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    keys, seeds = args.rows, args.seeds
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     records = []

@@ -15,12 +15,12 @@ The Normal's scale starts at the training data's pooled standard deviation unles
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
 from ppl_vae import fit
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser, int_list
 from ppl_vae.models.likelihoods.units import bits_per_dim
 
 RUNS = [
@@ -33,15 +33,15 @@ RUNS = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--seeds", type=int_list, default="0")
     p.add_argument("--latent-dim", type=int, default=10)
     p.add_argument("--log-likelihood-samples", type=int, default=1000)
     p.add_argument("--device", default="auto")
     p.add_argument("--only", default="", help="comma-separated likelihood names to run (default: all)")
     args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     only = {n.strip() for n in args.only.split(",") if n.strip()}
     rows = []
     for name, lik_args, data, kind in RUNS:

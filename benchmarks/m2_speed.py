@@ -59,7 +59,6 @@ one CPU thread); ``--quick`` for a smoke test (tiny batches, no meaningful times
 
 from __future__ import annotations
 
-import argparse
 import copy
 import cProfile
 import json
@@ -80,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser, name_list
 from ppl_vae.data import Dataset, load_data
 from ppl_vae.kinds.base import StepState
 from ppl_vae.kinds.m2 import M2Kind
@@ -414,7 +414,7 @@ def epoch_table(epochs: int, device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="smoke test: tiny batches, 2 rounds")
     p.add_argument("--rounds", type=int, default=7)
@@ -422,8 +422,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "--steps", type=int, default=None,
         help="timed steps per variant per round (default: about 1 s of the slowest variant)",
     )  # fmt: skip
-    p.add_argument("--cases", default=",".join(SHAPES))
-    p.add_argument("--guides", default=",".join(GUIDES))
+    p.add_argument("--cases", type=name_list(SHAPES), default=",".join(SHAPES))
+    p.add_argument("--guides", type=name_list(GUIDES), default=",".join(GUIDES))
     p.add_argument(
         "--profile", metavar="CASE:GUIDE", help="cProfile ppl_vae's step, e.g. 64:enumerate"
     )
@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         if args.quick:
             batch, labels, rounds, steps = 4, 10, 2, 1
         results = []
-        for case in args.cases.split(","):
-            for guide in args.guides.split(","):
+        for case in args.cases:
+            for guide in args.guides:
                 r = run_case(
                     case, guide, device, rounds=rounds, steps=steps, batch_size=batch,
                     labels=labels, variants=VARIANTS,

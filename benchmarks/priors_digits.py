@@ -8,13 +8,13 @@ fraction of exactly-zero codes among exact posterior samples of the test set.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
 from ppl_vae import fit
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser, int_list, name_list
 from ppl_vae.components import available
 
 
@@ -26,18 +26,16 @@ def vae_priors() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--priors", default=",".join(vae_priors()))
-    p.add_argument("--latent-dims", default="2,5,10")
-    p.add_argument("--seeds", default="0")
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--priors", type=name_list(vae_priors()), default=",".join(vae_priors()))
+    p.add_argument("--latent-dims", type=int_list, default="2,5,10")
+    p.add_argument("--seeds", type=int_list, default="0")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--estimator", default="trace")
     p.add_argument("--log-likelihood-samples", type=int, default=1000)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    priors = args.priors.split(",")
-    dims = [int(d) for d in args.latent_dims.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    priors, dims, seeds = args.priors, args.latent_dims, args.seeds
     rows = []
     for prior in priors:
         for d in dims:

@@ -29,7 +29,6 @@ every kill was survived and the run is bitwise equal.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -47,6 +46,7 @@ from pathlib import Path
 import torch
 
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser
 
 FLAGS = [
     "--hidden-dims",
@@ -182,7 +182,7 @@ def differences(a: dict, b: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=200, help="kills to try (default 200)")
     p.add_argument("--seed", type=int, default=0, help="the run's seed and the kills' (default 0)")
     p.add_argument("--out", type=Path, help="working folder (default: a temporary one, removed)")

@@ -101,6 +101,7 @@ import ppl_vae.kinds.batched as batched_module  # the one-batch kinds: their val
 import ppl_vae.kinds.vae as train_module  # the VAE kind: its step loss
 from ppl_vae import Dataset, build_vae, fit, load_data, score
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser
 from ppl_vae.inference.fastpath import build_loss
 from ppl_vae.training.optim import make_adam
 from ppl_vae.training.setup import resolve_device
@@ -722,7 +723,7 @@ def header(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds (about a minute)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per data set")

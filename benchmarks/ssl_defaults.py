@@ -64,7 +64,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import statistics
@@ -76,7 +75,9 @@ from typing import Any
 import numpy as np
 from ssl_digits import _map  # the same process pool (a sibling script)
 
+from ppl_vae import ConfigError
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser, int_list, name_list
 from ppl_vae.ssl import fit_ssl
 
 FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -103,8 +104,8 @@ def _fashion_dir(root: str | None) -> Path:
     for d in candidates:
         if all((d / f).is_file() for f in FASHION_FILES):
             return d
-    raise SystemExit(
-        "ssl_defaults: Fashion-MNIST's IDX files (train-images-idx3-ubyte.gz, "
+    raise ConfigError(
+        "Fashion-MNIST's IDX files (train-images-idx3-ubyte.gz, "
         f"train-labels-idx1-ubyte.gz) not found in {[str(c) for c in candidates]}; install the "
         "Debian package dataset-fashion-mnist or pass --fashion-root DIR"
     )
@@ -263,12 +264,13 @@ def report(datasets: dict[str, str], labels: list[int], seeds: list[int], worker
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p = Parser(description=__doc__.split("\n", 1)[0])
     p.add_argument(
-        "--datasets", default="digits,fashion14", help="digits, fashion14, fashion28 (comma list)"
-    )
-    p.add_argument("--labels", default=",".join(map(str, REPORT_LABELS)))
-    p.add_argument("--seeds", default=",".join(map(str, REPORT_SEEDS)))
+        "--datasets", type=name_list(("digits", "fashion14", "fashion28")),
+        default="digits,fashion14", help="digits, fashion14, fashion28 (comma list)",
+    )  # fmt: skip
+    p.add_argument("--labels", type=int_list, default=",".join(map(str, REPORT_LABELS)))
+    p.add_argument("--seeds", type=int_list, default=",".join(map(str, REPORT_SEEDS)))
     p.add_argument("--jobs", type=int, default=1, help="processes, one CPU thread each")
     p.add_argument(
         "--tune",
@@ -285,24 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="runs/data", help="where the Fashion-MNIST .npz is written")
     p.add_argument("--json", default=None, help="also write the raw rows here")
     a = p.parse_args(argv)
-    names = [n for n in a.datasets.split(",") if n]
     datasets: dict[str, str] = {}
-    for n in names:
+    for n in a.datasets:
         if n == "digits":
             datasets[n] = "digits"
-        elif n in ("fashion14", "fashion28"):
+        else:  # fashion14, fashion28
             size = int(n.removeprefix("fashion"))
             datasets[n] = str(fashion_npz(a.fashion_root, Path(a.cache), a.full_fashion, size))
-        else:
-            print(f"ssl_defaults: unknown data set {n!r}; expected digits, fashion14 or fashion28",
-                  file=sys.stderr)  # fmt: skip
-            return 2
     if a.tune:
         grid = parse_grid(a.tune, a.grid or TUNABLE[a.tune])
         rows = tune(datasets, a.tune, grid, a.jobs)
     else:
-        rows = report(datasets, [int(v) for v in a.labels.split(",")],
-                      [int(v) for v in a.seeds.split(",")], a.jobs)  # fmt: skip
+        rows = report(datasets, a.labels, a.seeds, a.jobs)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -81,7 +81,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -97,6 +96,7 @@ from typing import Any
 import torch
 
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser, int_list, name_list
 from ppl_vae.ssl import fit_ssl
 
 #: The fixed M2 settings and stage 1's choice (``--tune``; module docstring). Stage 1 always
@@ -146,10 +146,6 @@ TUNE2_EPOCHS = (25, 50, 100)
 M2_GRID3 = dict(alpha=(10.0, 30.0, 100.0), latent_dim=(16, 32))
 BASELINE_GRID3 = dict(lr=(3e-3, 1e-2), dropout=(0.5, 0.7))
 TUNE3_EPOCHS = (50, 100, 200)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def _map(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[Any]:
@@ -454,13 +450,14 @@ def target(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="M2 on digits: accuracy vs labels")
+    parser = Parser(description="M2 on digits: accuracy vs labels")
     parser.add_argument(
-        "--labels", type=_ints, default=[50, 100, 300], help="comma list (default 50,100,300)"
+        "--labels", type=int_list, default=[50, 100, 300], help="comma list (default 50,100,300)"
     )
-    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma list (default 0,1,2)")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma list (default 0,1,2)")
     parser.add_argument(
-        "--guides", default="enumerate,relaxed,sample", help="comma list (default all three)"
+        "--guides", type=name_list(("enumerate", "relaxed", "sample")),
+        default="enumerate,relaxed,sample", help="comma list (default all three)",
     )
     parser.add_argument("--epochs", type=int, default=SETTINGS["epochs"], help="epochs per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
@@ -491,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=2)
         return 0
-    guides = [g for g in args.guides.split(",") if g]
+    guides = args.guides
     records = run(args.labels, args.seeds, guides, args.epochs, args.jobs)
     settings = {**SETTINGS, **BASELINE, "epochs": args.epochs}
     print(

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -30,6 +29,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser
 from ppl_vae.models.distributions.von_mises import ReparameterizedVonMises
 from ppl_vae.training.setup import resolve_device
 
@@ -74,7 +74,7 @@ def elbo_grads(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--kappas", type=float, nargs="+", default=[1.0, 8.0, 30.0])

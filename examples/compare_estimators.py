@@ -15,23 +15,23 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
 
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser, int_list
 from ppl_vae.runs.compare import compare_estimators
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--estimators",
         default="trace,meanfield,tracegraph,iwae:5,dreg:5,stl",
         help="comma-separated estimator specs",
     )
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--seeds", type=int_list, default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--epochs", type=int, default=30, help="training epochs per run")
     parser.add_argument("--out", help="output directory (default: a temporary directory)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs")
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     estimators = [s for s in args.estimators.split(",") if s]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = args.seeds
     options: dict = dict(epochs=args.epochs, device="auto")
     measure: dict = dict(grad_repeats=100, khat_points=100)
     if args.smoke:

@@ -7,7 +7,6 @@ outlying pixel values. The same class trains from the command line:
     ppl-vae fit --likelihood examples/new_likelihood.py:StudentTLikelihood --likelihood-arg df=4
 """
 
-import argparse
 import sys
 
 import pyro.distributions as dist
@@ -17,6 +16,7 @@ from torch.distributions import constraints
 
 from ppl_vae import fit
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser
 from ppl_vae.models.likelihoods import Likelihood
 
 
@@ -37,7 +37,7 @@ class StudentTLikelihood(Likelihood):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--out", default="runs/new-likelihood")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget (for the tests)")

@@ -13,7 +13,6 @@ Normal on the prior's support, again with no guide code.
     ppl-vae fit --prior examples/new_prior.py:TwoClusterPrior
 """
 
-import argparse
 import sys
 
 import pyro.distributions as dist
@@ -22,6 +21,7 @@ from pyro.nn import PyroParam
 
 from ppl_vae import fit
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser
 from ppl_vae.models.priors import Prior
 
 
@@ -51,7 +51,7 @@ class TwoClusterPrior(Prior):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--out", default="runs/new-prior")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget (for the tests)")

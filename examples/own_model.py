@@ -12,7 +12,6 @@ same class trains from the command line:
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import pyro
@@ -23,6 +22,7 @@ from torch import nn
 
 from ppl_vae import fit
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser
 
 
 class TwoLayerVAE(PyroModule):
@@ -63,7 +63,7 @@ class TwoLayerVAE(PyroModule):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="a tiny run (for the tests)")
     args = p.parse_args(argv)
     budget = dict(epochs=2, max_train=256, log_likelihood_samples=10) if args.smoke else {}

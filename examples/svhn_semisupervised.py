@@ -25,13 +25,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ppl_vae import fit
 from ppl_vae.cli import run_command
+from ppl_vae.cli.common import Parser
 from ppl_vae.data import default_root
 from ppl_vae.ssl import fit_ssl
 
@@ -42,7 +42,7 @@ def _svhn_on_disk(root: str | None) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="svhn", help="data set (default svhn)")
     parser.add_argument(
         "--data-root", help="where SVHN lives (default $PPL_VAE_DATA or ~/.cache/ppl_vae)"

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ppl_vae import ConfigError
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ssl_defaults.py"
 
 
@@ -68,7 +70,7 @@ def test_pooled_subset_matches_hand_computation(ssl_defaults, tmp_path):
 
 def test_missing_files_name_what_was_expected(ssl_defaults, tmp_path, monkeypatch):
     monkeypatch.setattr(ssl_defaults, "FASHION_DIRS", ())
-    with pytest.raises(SystemExit, match=r"train-images-idx3-ubyte\.gz"):
+    with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte\.gz"):
         ssl_defaults.fashion_npz(str(tmp_path), tmp_path / "cache")
 
 

@@ -8,6 +8,7 @@ file is written.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -126,6 +127,49 @@ def test_the_svhn_example_without_the_data_is_one_line_and_exit_2(tmp_path):
     _check_one_line_error("svhn_semisupervised.py", proc.returncode, out, err)
     assert "data set 'svhn' not found" in err and "train_32x32.mat" in err and "--download" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no run directory begun
+
+
+#: (script, arguments, what the one-line error names): a script's own options
+BAD_OPTIONS = [
+    ("benchmarks/kl_recipes_digits.py", ["--models", "vae,nothing"], "'vae,nothing'"),
+    ("benchmarks/kl_recipes_digits.py", ["--seeds", "0,x"], "integers"),
+    ("benchmarks/latent_structure_digits.py", ["--rows", "gaussian,nope"], "'gaussian,nope'"),
+    ("benchmarks/m2_speed.py", ["--cases", "99"], "['64', '784', '3x32x32']"),
+    ("benchmarks/m2_speed.py", ["--guides", "exact"], "'exact'"),
+    ("benchmarks/priors_digits.py", ["--latent-dims", "2,five"], "integers"),
+    ("benchmarks/ssl_defaults.py", ["--datasets", "mnist"], "['digits', 'fashion14', 'fashion28']"),
+    ("benchmarks/ssl_digits.py", ["--guides", "enumerate,guess"], "'enumerate,guess'"),
+    ("benchmarks/eval_memory.py", ["--ks", "100,1e3"], "integers"),
+    ("examples/compare_estimators.py", ["--seeds", "1,x"], "integers"),
+]
+
+
+def _load(script: str):
+    path = ROOT / script
+    sys.path.insert(0, str(path.parent))  # ssl_defaults imports its sibling ssl_digits
+    try:
+        spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+@pytest.mark.parametrize(("script", "argv", "named"), BAD_OPTIONS, ids=lambda v: str(v))
+def test_a_bad_script_option_is_one_line_naming_what_was_expected(
+    script, argv, named, capsys, monkeypatch
+):
+    main = _load(script).main
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script)])  # argparse's prog
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == EXIT_USAGE and out == ""
+    name = Path(script).name
+    assert err.count("\n") == 1 and err.startswith(f"{name}: error: argument {argv[0]}: "), err
+    assert named in err
 
 
 # -- the prepared GPU checks ---------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from ..models.errors import ConfigError
@@ -56,6 +56,23 @@ def out_path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
     return text
+
+
+def name_list(choices: Iterable[str]) -> Callable[[str], list[str]]:
+    """An argparse ``type``: comma-separated names, each one of ``choices``, in the order given
+    (for scripts' options such as ``--models vae,hierarchical``)."""
+    allowed = list(choices)
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated names from {allowed}, got {text!r}"
+            )
+        return names
+
+    return parse
 
 
 def int_list(text: str) -> list[int]:
