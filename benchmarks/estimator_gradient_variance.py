@@ -23,8 +23,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser
+from ppl_vae.cli import Parser, run_command
 from ppl_vae.inference.estimators import make_elbo
 
 DTYPE = torch.float64

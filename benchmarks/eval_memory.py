@@ -21,8 +21,7 @@ import subprocess
 import sys
 import time
 
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser, int_list
+from ppl_vae.cli import Parser, int_list, run_command
 from ppl_vae.training.setup import resolve_device
 
 NETWORKS = ("mlp", "conv")

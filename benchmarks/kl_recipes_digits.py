@@ -31,8 +31,7 @@ import sys
 import warnings
 
 from ppl_vae import fit
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser, int_list, name_list
+from ppl_vae.cli import Parser, int_list, name_list, run_command
 
 RECIPES = {  # key: (row label, fit options)
     "plain": ("plain ELBO (default)", {}),

@@ -42,8 +42,7 @@ from typing import Any
 import torch
 
 from ppl_vae import fit
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser, int_list, name_list
+from ppl_vae.cli import Parser, int_list, name_list, run_command
 from ppl_vae.training.diagnostics import LatentCollapseWarning
 
 TOP = 10  # the top layer (and the 1-layer models' latent_dim)

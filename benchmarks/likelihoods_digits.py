@@ -19,8 +19,7 @@ import statistics
 import sys
 
 from ppl_vae import fit
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser, int_list
+from ppl_vae.cli import Parser, int_list, run_command
 from ppl_vae.models.likelihoods.units import bits_per_dim
 
 RUNS = [

@@ -78,8 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser, name_list
+from ppl_vae.cli import Parser, name_list, run_command
 from ppl_vae.data import Dataset, load_data
 from ppl_vae.kinds.base import StepState
 from ppl_vae.kinds.m2 import M2Kind

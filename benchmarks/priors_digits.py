@@ -13,8 +13,7 @@ import sys
 import time
 
 from ppl_vae import fit
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser, int_list, name_list
+from ppl_vae.cli import Parser, int_list, name_list, run_command
 from ppl_vae.components import available
 
 

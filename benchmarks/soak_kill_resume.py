@@ -45,8 +45,7 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser
+from ppl_vae.cli import Parser, run_command
 
 FLAGS = [
     "--hidden-dims",

@@ -100,8 +100,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import ppl_vae.kinds.batched as batched_module  # the one-batch kinds: their validation
 import ppl_vae.kinds.vae as train_module  # the VAE kind: its step loss
 from ppl_vae import Dataset, build_vae, fit, load_data, score
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser
+from ppl_vae.cli import Parser, run_command
 from ppl_vae.inference.fastpath import build_loss
 from ppl_vae.training.optim import make_adam
 from ppl_vae.training.setup import resolve_device

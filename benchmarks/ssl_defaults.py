@@ -76,8 +76,7 @@ import numpy as np
 from ssl_digits import _map  # the same process pool (a sibling script)
 
 from ppl_vae import ConfigError
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser, int_list, name_list
+from ppl_vae.cli import Parser, int_list, name_list, run_command
 from ppl_vae.ssl import fit_ssl
 
 FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)

@@ -95,8 +95,7 @@ from typing import Any
 
 import torch
 
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser, int_list, name_list
+from ppl_vae.cli import Parser, int_list, name_list, run_command
 from ppl_vae.ssl import fit_ssl
 
 #: The fixed M2 settings and stage 1's choice (``--tune``; module docstring). Stage 1 always

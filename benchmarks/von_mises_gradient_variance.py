@@ -28,8 +28,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import Trace_ELBO
 
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser
+from ppl_vae.cli import Parser, run_command
 from ppl_vae.models.distributions.von_mises import ReparameterizedVonMises
 from ppl_vae.training.setup import resolve_device
 

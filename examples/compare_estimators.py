@@ -19,8 +19,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser, int_list
+from ppl_vae.cli import Parser, int_list, run_command
 from ppl_vae.runs.compare import compare_estimators
 
 

@@ -15,8 +15,7 @@ from pyro.nn import PyroParam
 from torch.distributions import constraints
 
 from ppl_vae import fit
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser
+from ppl_vae.cli import Parser, run_command
 from ppl_vae.models.likelihoods import Likelihood
 
 

@@ -20,8 +20,7 @@ import torch
 from pyro.nn import PyroParam
 
 from ppl_vae import fit
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser
+from ppl_vae.cli import Parser, run_command
 from ppl_vae.models.priors import Prior
 
 

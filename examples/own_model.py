@@ -21,8 +21,7 @@ from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
 from ppl_vae import fit
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser
+from ppl_vae.cli import Parser, run_command
 
 
 class TwoLayerVAE(PyroModule):

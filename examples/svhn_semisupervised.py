@@ -30,8 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ppl_vae import fit
-from ppl_vae.cli import run_command
-from ppl_vae.cli.common import Parser
+from ppl_vae.cli import Parser, run_command
 from ppl_vae.data import default_root
 from ppl_vae.ssl import fit_ssl
 

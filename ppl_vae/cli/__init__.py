@@ -18,9 +18,9 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from ..models.errors import ConfigError
-from .common import EXIT_USAGE, Parser
+from .common import EXIT_USAGE, Parser, int_list, name_list
 
-__all__ = ["EXIT_USAGE", "build_parser", "main", "run_command"]
+__all__ = ["EXIT_USAGE", "Parser", "build_parser", "int_list", "main", "name_list", "run_command"]
 
 
 def build_parser() -> argparse.ArgumentParser:
