@@ -21,6 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions import Transform, biject_to, constraints
+from torch.distributions.transforms import AffineTransform, ComposeTransform
 
 from ..errors import ConfigError
 
@@ -59,6 +60,36 @@ def base_distribution(d: dist.Distribution) -> dist.Distribution:
     while isinstance(d, torch.distributions.Independent):
         d = d.base_dist
     return d
+
+
+def _is_unit_affine(t: Transform) -> bool:
+    """``t`` is ``AffineTransform(0, 1)`` with Python numbers: ``0 + 1 * x``, the identity."""
+    return (
+        isinstance(t, AffineTransform)
+        and isinstance(t.loc, Real)
+        and isinstance(t.scale, Real)
+        and t.loc == 0
+        and t.scale == 1
+    )
+
+
+def lean_bijection(c: constraints.Constraint) -> Transform:
+    r"""``biject_to(c)`` without its identity steps.
+
+    ``biject_to(positive)`` is ``ComposeTransform([ExpTransform(), AffineTransform(0.0, 1)])``:
+    :math:`0 + 1 \cdot e^x`, two more kernels forward and backward per call that change no bit
+    (:math:`1 \cdot v = v` and :math:`0 + v = v` exactly for the non-negative :math:`v = e^x`,
+    and the gradient is multiplied by 1). The unit affine steps are dropped; a composition of one
+    step is that step.
+    """
+    t = biject_to(c)
+    if isinstance(t, ComposeTransform):
+        parts = [p for p in t.parts if not _is_unit_affine(p)]
+        if len(parts) == 1:
+            return parts[0]
+        if len(parts) != len(t.parts):
+            return ComposeTransform(parts)
+    return t
 
 
 def _constraint_is_usable(c: constraints.Constraint) -> bool:
@@ -101,11 +132,12 @@ class VariationalFamily(nn.Module):
         return {name: t(block) for (name, t), block in zip(self._bijections(), blocks, strict=True)}
 
     def _bijections(self) -> list[tuple[str, Transform]]:
-        """``(name, biject_to(constraint))`` per parameter, built once per set of constraints."""
+        """``(name, biject_to(constraint))`` per parameter (:func:`lean_bijection`), built once per
+        set of constraints."""
         key = tuple(self.param_constraints.items())
         cached = self.__dict__.get("_bijection_cache")
         if cached is None or cached[0] != key:
-            cached = (key, [(name, biject_to(c)) for name, c in key])
+            cached = (key, [(name, lean_bijection(c)) for name, c in key])
             self.__dict__["_bijection_cache"] = cached
         return cached[1]
 
@@ -196,7 +228,7 @@ class NormalOnSupport(VariationalFamily):
         if not self._real:
             if not _constraint_is_usable(self.support):
                 raise ConfigError(f"no elementwise bijection onto the support {self.support}")
-            self._transform = biject_to(self.support)
+            self._transform = lean_bijection(self.support)
 
     def build(self, **params: torch.Tensor) -> dist.Distribution:
         from .normal import Normal
