@@ -32,7 +32,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions.utils import _standard_normal
 
-__all__ = ["Normal"]
+__all__ = ["Normal", "StandardNormal"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -72,3 +72,30 @@ class Normal(dist.Normal):
         state = self.__dict__.copy()
         state.pop("_noise", None)
         return state
+
+
+class StandardNormal(dist.Normal):
+    r""":math:`\mathcal{N}(0, 1)` per coordinate, scored as :math:`-\tfrac12 z^2 - \tfrac12\log 2\pi`.
+
+    Built by :class:`~ppl_vae.models.priors.gaussian.GaussianPrior` when its location and scale
+    are the fixed zeros and ones (it checks them; ``loc`` and ``scale`` here must be those). Its
+    :meth:`log_prob` skips the subtraction of the zero location, the division by the unit
+    variance and the unit scale's logarithm: five kernels fewer forward and backward over the
+    ``(..., D)`` codes, and bitwise the same numbers as ``Normal(0, 1).log_prob``
+    (:math:`v - 0 = v`, :math:`v / 2 = 0.5 v` and :math:`v - 0 = v` are exact;
+    ``tests/models/test_normal.py``). Every other method is ``Normal``'s.
+
+    Example:
+        >>> p = StandardNormal(torch.zeros(3), torch.ones(3))
+        >>> z = torch.randn(3)
+        >>> torch.equal(p.log_prob(z), dist.Normal(torch.zeros(3), torch.ones(3)).log_prob(z))
+        True
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        batch = self.loc.shape
+        if value.shape[value.dim() - len(batch) :] != batch:  # value broadcast up: the parent
+            return super().log_prob(value)
+        return -0.5 * value.square() - _HALF_LOG_2PI

@@ -8,7 +8,7 @@ from pyro.nn import PyroParam
 from torch.distributions import constraints
 
 from ..distributions.family import MirrorFamily, VariationalFamily
-from ..distributions.normal import Normal
+from ..distributions.normal import Normal, StandardNormal
 from .base import Prior
 
 
@@ -39,7 +39,28 @@ class GaussianPrior(Prior):
             self.register_buffer("scale", scale)
 
     def forward(self) -> dist.Distribution:
+        if self._is_standard():
+            return StandardNormal(self.loc, self.scale).to_event(1)
         return dist.Normal(self.loc, self.scale).to_event(1)
+
+    def _is_standard(self) -> bool:
+        """Fixed location 0 and scale 1 (:class:`StandardNormal`'s leaner ``log_prob``).
+
+        Checked again only when a buffer changed (its version counter, as an in-place write or
+        ``load_state_dict`` bumps it, or its storage, as ``.to(device)`` replaces it), so the
+        host synchronisation of the check happens once, not per step.
+        """
+        loc, scale = self._buffers.get("loc"), self._buffers.get("scale")
+        if loc is None or scale is None:  # learned
+            return False
+        if loc.is_inference() or scale.is_inference():  # no version counter: check each time
+            return bool((loc == 0).all()) and bool((scale == 1).all())
+        key = (loc._version, scale._version, loc.data_ptr(), scale.data_ptr())
+        cached = self.__dict__.get("_standard_check")
+        if cached is None or cached[0] != key:
+            cached = (key, bool((loc == 0).all()) and bool((scale == 1).all()))
+            self.__dict__["_standard_check"] = cached
+        return cached[1]
 
     def guide_family(self) -> VariationalFamily:
         """A diagonal Normal q(z|x), scoring its own draws from their noise (:class:`Normal`)."""

@@ -17,7 +17,7 @@ import torch
 from pyro.distributions.kl import kl_divergence
 
 from ppl_vae.models.distributions.family import MirrorFamily
-from ppl_vae.models.distributions.normal import Normal
+from ppl_vae.models.distributions.normal import Normal, StandardNormal
 from ppl_vae.models.priors.gaussian import GaussianPrior
 
 
@@ -138,3 +138,45 @@ def test_family_bijections_follow_the_constraints() -> None:
     family.param_constraints["scale"] = torch.distributions.constraints.greater_than(1.0)
     shifted = family.constrain(raw, 2)["scale"]
     torch.testing.assert_close(shifted, 1.0 + raw[:, 2:].clamp(max=15.0).exp())
+
+
+# -- StandardNormal: the fixed Gaussian prior ---------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_standard_normal_log_prob_is_normals_bitwise(dtype: torch.dtype) -> None:
+    # Values from 1e-30 to 1e18 in magnitude (squares into the subnormals and past 1e36), and
+    # the gradient with respect to the value: the same kernels' results, bit for bit.
+    g = torch.Generator().manual_seed(5)
+    mag = 10.0 ** (torch.rand(64, 3, generator=g, dtype=torch.float64) * 48 - 30)
+    sign = torch.where(torch.rand(64, 3, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    z = (sign * mag).to(dtype)
+    z = torch.cat([z, torch.randn(64, 3, generator=g, dtype=dtype)]).requires_grad_()
+    zeros, ones = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    ours = StandardNormal(zeros, ones).to_event(1).log_prob(z)
+    theirs = dist.Normal(zeros, ones).to_event(1).log_prob(z)
+    assert torch.equal(ours, theirs)
+    w = torch.randn(ours.shape, generator=g, dtype=dtype)
+    (ga,) = torch.autograd.grad((ours * w).sum(), z)
+    (gb,) = torch.autograd.grad((theirs * w).sum(), z)
+    assert torch.equal(ga, gb)
+
+
+def test_standard_normal_broadcasts_a_smaller_value_as_normal_does() -> None:
+    p = StandardNormal(torch.zeros(4, 3), torch.ones(4, 3))
+    z = torch.randn(3)
+    assert torch.equal(p.log_prob(z), dist.Normal(torch.zeros(4, 3), 1.0).log_prob(z))
+    assert p.log_prob(z).shape == (4, 3)
+
+
+def test_the_gaussian_prior_is_standard_only_while_its_buffers_are() -> None:
+    prior = GaussianPrior(3)
+    assert type(prior().base_dist) is StandardNormal
+    with torch.no_grad():
+        prior.loc.fill_(0.5)  # written in place: checked again, and no longer standard
+    d = prior()
+    assert type(d.base_dist) is dist.Normal
+    z = torch.randn(2, 3)
+    assert torch.equal(d.log_prob(z), dist.Normal(0.5, 1.0).expand([3]).to_event(1).log_prob(z))
+    prior.load_state_dict({"loc": torch.zeros(3), "scale": torch.ones(3)})
+    assert type(prior().base_dist) is StandardNormal
+    for learned in (GaussianPrior(3, learn_loc=True), GaussianPrior(3, learn_scale=True)):
+        assert type(learned().base_dist) is dist.Normal
