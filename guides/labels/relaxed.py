@@ -56,7 +56,7 @@ class GumbelSoftmaxCategorical(TorchDistribution):
         validate_args: bool | None = None,
     ) -> None:
         self.temperature = temperature
-        self.logits = logits - logits.logsumexp(-1, keepdim=True)
+        self.logits = logits.log_softmax(-1)
         super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
 
     @property
