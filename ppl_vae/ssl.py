@@ -320,10 +320,11 @@ class SSVAE(PyroModule):
         """
         enc = self.encoder
         h = enc.features(x)
-        batch = torch.broadcast_shapes(h.shape[:-1], y.shape[:-1])
-        raw = enc.head(
-            torch.cat([h.expand(*batch, h.shape[-1]), y.expand(*batch, y.shape[-1])], -1)
-        )
+        hb, yb = h.shape[:-1], y.shape[:-1]
+        if hb != yb:  # (torch.broadcast_shapes is a Python function: only where needed)
+            batch = torch.broadcast_shapes(hb, yb)
+            h, y = h.expand(*batch, h.shape[-1]), y.expand(*batch, y.shape[-1])
+        raw = enc.head(torch.cat([h, y], -1))
         return enc.family.build(**enc.family.constrain(raw, enc.latent_dim))
 
     # -- the auxiliary classification term as a Pyro program ------------------------------------

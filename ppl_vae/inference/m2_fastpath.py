@@ -23,41 +23,39 @@ guide's at the guide's draws (:math:`\log p(y) + \log p(z) + \log p(x \mid z, y)
 \mid x, y)` labelled; the same plus :math:`-\log q(y \mid x)` at a relaxed draw of y unlabelled;
 :math:`s \sum_n \log q_\phi(y_n \mid x_n)` for the classification term).
 
-**Equivalence: value and gradients bitwise Pyro's.** The fast path calls the modules' own
-methods (``label_guide.guide_dist``, ``label_guide.prior``, ``label_guide.dist``,
-``model.q_z``, ``model.p_z``, ``prior.embed``, the decoder, the likelihood), expands every
-distribution over the data plate as Pyro's plate does, and draws the same random numbers in the
-same order (the guide's, then the model's). It re-implements only what the engine's
+**Equivalence: the same estimator, equal up to float rounding.** The fast path calls the
+modules' own methods (``label_guide.guide_dist``, ``label_guide.prior``, ``label_guide.dist``,
+``model.q_z``, ``model.p_z``, ``prior.embed``, the decoder, the likelihood) and draws the same
+random numbers in the same order (the guide's, then the model's), so it sees the same
+:math:`z` and relaxed :math:`y` as Pyro's step. It re-implements only what the engine's
 ``SSVAE.model``, ``SSVAE.guide``, ``SSVAE.classifier_model``, ``SSVAE.one_hot`` and
-``LabelGuide.sample`` do, which must therefore be the engine's own (not redefined by a
-subclass or an instance). The arithmetic is Pyro's, operation for operation:
+``LabelGuide.sample`` do, which must therefore be the engine's own (not redefined by a subclass
+or an instance). What it does not repeat is Pyro's bookkeeping around the arithmetic:
 
-- ``Trace_ELBO`` terms (labelled, classification, relaxed unlabelled): each site's log-density
-  summed over the batch as ``Trace`` sums it, the sums added in float64 in site order and
-  rounded to float32 once for the value (Pyro's ``torch_item`` arithmetic, here on the device),
-  and the float32 surrogate for the gradient.
-- ``TraceEnum_ELBO`` (enumerated unlabelled term): ``Dice`` weighs each cost by the marginal
-  :math:`q(k \mid x_n)` of its sum-product contraction, which for this model is
-  :math:`\exp \log q(k \mid x_n)` exactly (a log-space einsum with nothing to sum out adds
-  zeros), and adds one ``tensordot`` per site in site order (model ``y``, ``z``, ``x``, then
-  guide ``y``, ``z``) on Pyro's packed layout: ``(N, K)`` views of the ``(K, N)``
-  log-densities, whose memory order the reduction's rounding depends on. Where some
-  :math:`q(k \mid x_n)` underflows to 0, ``Dice`` drops those terms (``masked_select``, a host
-  synchronisation) and the fast path adds them as exact zeros: the gradients stay bitwise
-  equal, the value equal up to float rounding.
+- the distributions are not expanded over the data plate (their log-densities broadcast to
+  ``(N,)`` or ``(K, N)``, which is checked; any other shape sends the step to Pyro);
+- each term is one fused sum per point, added in float32, where ``Trace_ELBO`` sums every site
+  on its own and adds the sums in float64 on the host (a synchronisation per site);
+- the enumerated term weighs each class's cost by :math:`q(k \mid x_n) = \exp \log q(k \mid
+  x_n)` in one product and sum, which is what ``TraceEnum_ELBO``'s ``Dice`` computes for this
+  model (a log-space contraction with nothing to sum out) with one ``tensordot`` per site on
+  its packed layout. Where some :math:`q(k \mid x_n)` underflows to 0, ``Dice`` drops those
+  terms and the fast path adds them as zeros (their costs are finite);
+- the engine's Bernoulli likelihood scores a point as
+  ``-binary_cross_entropy_with_logits(...).sum()`` rather than
+  ``(-binary_cross_entropy(...)).sum()``.
 
-The only departure: the engine's Bernoulli likelihood scores a point as
-``-binary_cross_entropy_with_logits(...).sum()`` rather than ``(-binary_cross_entropy(...)).sum()``
-(the sign after the sum over the pixels, one pass over the ``(K, N, D)`` tensor fewer forward
-and backward), and negation commutes with rounding. ``tests/test_m2_fastpath.py`` checks
-``torch.equal`` of values and gradients for both label guides, every prior M2 takes and every
-likelihood. The fast path makes no host-device synchronisation; Pyro's path makes one per site
-(``torch_item``) plus its validation checks (argument and support checks, ``Dice``'s positivity
-check of the marginals).
+So the values and gradients differ from Pyro's by the rounding of the summation order alone:
+``tests/test_m2_fastpath.py`` requires agreement to 1e-10 in float64 for both label guides,
+every prior M2 takes and every likelihood (and to 1e-5 in float32), and a term left out or a
+gradient path cut fails it. Earlier releases repeated Pyro's operations in Pyro's order to be
+bitwise equal; that bookkeeping cost 0.5-0.7 ms of the 12 ms forward pass of a 28 ms step at
+64 dimensions on one CPU thread. A run is still deterministic: the same
+seed gives the same numbers, and a resumed run is exactly the uninterrupted one.
 
 **When it is used.** Each term decides on its own. Its first call runs the Pyro ELBO itself,
-with Pyro's validation and warnings, on traced copies of the programs; the term's fast path is
-switched on only if the traces show exactly the engine's structure: guide sites ``z`` (labelled)
+with Pyro's validation and warnings, on traced copies of the programs (counted in ``steps`` as
+a Pyro evaluation); the term's fast path is switched on only if the traces show exactly the engine's structure: guide sites ``z`` (labelled)
 or ``y``, ``z`` (unlabelled); model sites ``y``, ``z``, ``x`` (``y_class`` for the
 classification term) with ``x`` observing the data passed in and ``y`` observed where labelled
 (``y_class`` observing the labels passed in); only the
@@ -65,7 +63,9 @@ classification term) with ``x`` observing the data passed in and ``y`` observed 
 Pyro's plate and ``poutine.scale`` compute it); ``y`` enumerated in parallel over ``(K, 1, K)``
 one-hot values for ``TraceEnum_ELBO`` and reparameterised (with Pyro's default ``score_parts``)
 for ``Trace_ELBO``, likewise ``z``. The types of the sites' distributions in that step are
-recorded. Anything else keeps that term on Pyro's path for good: another estimator (meanfield,
+recorded, and the call returns the fast path's value, computed from the random state the probe
+started from (so a run's every step is the fast path's, and a resumed run, which probes again,
+takes the uninterrupted run's step). Anything else keeps that term on Pyro's path for good: another estimator (meanfield,
 IWAE, ``TraceGraph_ELBO`` and score-function guides, any subclass), more than one particle,
 an SSVAE or label guide redefining the methods above, a prior, decoder or likelihood with
 sample sites of its own. A later step whose distributions are of other types than recorded
@@ -92,9 +92,7 @@ import pyro
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.distributions.torch_distribution import (
-    ExpandedDistribution,
-)
+from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.util import is_validation_enabled
 
@@ -144,40 +142,14 @@ def _is_engine_pair(model: Any) -> str:
     return ""
 
 
-def _plate(d: Any, n: int) -> Any:
-    """``d`` expanded as ``pyro.plate(..., n, dim=-1)`` expands a site's distribution.
+def _log_prob_points(likelihood: Any, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log p(x \mid \eta)` per point, the model's ``x`` site.
 
-    Where the batch shape is already the plate's, ``d`` itself: Pyro's plate expands it to the
-    same shape, a view of the same parameters, which changes no number.
-    """
-    batch = d.batch_shape
-    target = [1 if s == 1 else s for s in batch] or [1]
-    if target[-1] not in (1, n):
-        raise ValueError(f"batch shape {tuple(batch)} does not fit a plate of size {n}")
-    target[-1] = n
-    if len(target) == len(batch) and target[-1] == batch[-1]:
-        return d
-    e = d.expand(target)
-    if e.has_rsample != d.has_rsample:
-        e.has_rsample = d.has_rsample
-    return e
-
-
-def _packed(t: torch.Tensor) -> torch.Tensor:
-    """A ``(K, N)`` enumerated log-density as Pyro packs it: the plate's dimension first
-    (packed dimensions are ordered by their symbols), size-1 dimensions dropped."""
-    t = t.t()
-    return t[0] if t.shape[0] == 1 else t
-
-
-def _log_prob_points(likelihood: Any, out: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
-    r""":math:`\log p(x \mid \eta)` per point, the model's ``x`` site as Pyro scores it.
-
-    The engine's Bernoulli (validation off, data of the logits' dtype and trailing shape): the
-    kernel of ``Bernoulli(logits).log_prob``, ``-binary_cross_entropy_with_logits``, with the
-    sign applied after the sum over the pixels instead of before it, which saves a pass over
-    ``(K, N, D)`` forward and backward. Negation commutes with rounding, so value and gradient
-    are bitwise those of the distribution's ``log_prob``, which every other case uses.
+    The engine's Bernoulli (validation off, data of the logits' dtype and trailing shape):
+    ``-binary_cross_entropy_with_logits`` summed over the pixels, the kernel of
+    ``Bernoulli(logits).log_prob`` with the sign applied after the sum instead of before it (one
+    pass over ``(K, N, D)`` fewer forward and backward). Any other likelihood: its distribution's
+    ``log_prob``.
     """
     if type(likelihood) is BernoulliLikelihood and not is_validation_enabled():
         (logits,) = likelihood.split(out)
@@ -185,37 +157,7 @@ def _log_prob_points(likelihood: Any, out: torch.Tensor, x: torch.Tensor, n: int
             bce = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
             batch = bce.shape[: bce.dim() - likelihood.event_dim]
             return -bce.reshape(*batch, -1).sum(-1)
-    return _plate(likelihood(out), n).log_prob(x)
-
-
-def _trace_loss(
-    model_sums: tuple[torch.Tensor, ...], guide_sums: tuple[torch.Tensor, ...]
-) -> torch.Tensor:
-    r"""``Trace_ELBO.differentiable_loss`` of one particle from its per-site log-density sums.
-
-    .. math:: \mathcal{L} = -\Big(\sum_{\text{model}} \log p - \sum_{\text{guide}} \log q\Big)
-
-    Pyro's value: the float32 sums added in float64 in site order (``torch_item`` of each, then
-    Python floats), negated and rounded to float32 once; its gradient: that of the float32
-    surrogate, one per sum and sign. Both are repeated here on the device, without host
-    synchronisation.
-    """
-    surrogate = model_sums[0]
-    for s in model_sums[1:]:
-        surrogate = surrogate + s
-    for s in guide_sums:
-        surrogate = surrogate - s
-    with torch.no_grad():
-        sums = torch.stack((*model_sums, *guide_sums)).double().unbind()
-        value = sums[0]
-        for s in sums[1 : len(model_sums)]:
-            value = value + s
-        for s in sums[len(model_sums) :]:
-            value = value - s
-        value = (-value).to(surrogate.dtype)
-        zero = surrogate.detach()
-    # the value, with the surrogate's gradient: d/d(surrogate) = -1
-    return value + (zero - surrogate)
+    return likelihood(out).log_prob(x)
 
 
 def _family(d: Any) -> type:
@@ -366,10 +308,16 @@ class M2Loss:
         state = self.state[term]
         if not self.fast or state is False:
             return self._pyro(term, args)
-        if state is None:
-            return self._probe(term, args)
         device = args[0].device
         rng = _torch_rng_state(device)
+        if state is None:
+            probed = self._probe(term, args)
+            if not self.state[term]:
+                return probed
+            # Served: the value returned is the fast path's, from the random state the probe
+            # started from, so that every step of a run is computed the same way (a resumed
+            # run probes again and must take the same step as the uninterrupted one).
+            _set_torch_rng_state(rng, device)
         try:
             if self.validate:
                 loss = fast(*args)
@@ -463,60 +411,70 @@ class M2Loss:
         return F.one_hot(y.long(), self.model.num_classes).to(like.dtype)
 
     def _classification(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-        d = self._expect(
-            "classification", "y_class", _plate(self.model.label_guide.dist(x), len(x))
-        )
-        log_q = d.log_prob(y)
-        s = _pyro_scale(float(scale), len(x))
-        if s != 1.0:
-            log_q = log_q * s
-        return -log_q.sum()
+        r""":math:`-s \sum_n \log q_\phi(y_n \mid x_n)`; for the engine's ``LabelGuide.dist``,
+        ``Categorical(logits=guide(x))``, that is the cross-entropy of the logits, one kernel
+        (``log_softmax`` and the pick of the label's entry) where ``Categorical`` normalises the
+        logits with ``logsumexp`` and then gathers."""
+        guide, s = self.model.label_guide, _pyro_scale(float(scale), len(x))
+        if _uses_engine_method(guide, "dist", LabelGuide):
+            return F.cross_entropy(guide(x), y.long(), reduction="sum") * s
+        d = self._expect("classification", "y_class", guide.dist(x))
+        return -_points(d.log_prob(y), (len(x),)).sum() * s
 
     def _model_terms(
-        self, term: str, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, n: int
+        self, term: str, y: torch.Tensor, z: torch.Tensor
     ) -> tuple[Any, Any, torch.Tensor]:
-        """The model's p(y), p(z) (plate-expanded, type-checked) and decoder output."""
+        """The model's p(y), p(z) (type-checked) and decoder output, as ``SSVAE.model`` builds
+        them (unexpanded: their log-densities broadcast over the data plate)."""
         m = self.model
-        p_y = self._expect(term, "p_y", _plate(m.label_guide.prior(m.class_logits), n))
-        p_z = self._expect(term, "p_z", _plate(m.p_z(y), n))
+        p_y = self._expect(term, "p_y", m.label_guide.prior(m.class_logits))
+        p_z = self._expect(term, "p_z", m.p_z(y))
         return p_y, p_z, m.decoder(m.prior.embed(z), y)
 
-    def _labelled(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        m, n = self.model, len(x)
-        y1 = self._one_hot(y, x)
-        q_z = self._expect("labelled", "q_z", _plate(m.q_z(x, y1), n), rsample=True)
+    def _bound(
+        self, term: str, x: torch.Tensor, y: torch.Tensor, q_z: Any, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        r""":math:`\log p(y) + \log p(z) + \log p(x \mid z, y) - \log q(z \mid x, y)` per point
+        (``shape``: ``(N,)``, or ``(K, N)`` enumerated) at one draw of ``q_z``."""
+        m = self.model
         z = q_z.rsample()
-        p_y, p_z, out = self._model_terms("labelled", x, y1, z, n)
-        log_px = _log_prob_points(m.likelihood, out, x, n)
-        # Pyro's sites in Pyro's order: model y, z, x, then guide z.
-        model = (p_y.log_prob(y1).sum(), p_z.log_prob(z).sum(), log_px.sum())
-        return _trace_loss(model, (q_z.log_prob(z).sum(),))
+        p_y, p_z, out = self._model_terms(term, y, z)
+        log_px = _log_prob_points(m.likelihood, out, x)
+        log_w = log_px + p_z.log_prob(z) - q_z.log_prob(z) + p_y.log_prob(y)
+        return _points(log_w, shape)
+
+    def _labelled(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y1 = self._one_hot(y, x)
+        q_z = self._expect("labelled", "q_z", self.model.q_z(x, y1), rsample=True)
+        return -self._bound("labelled", x, y1, q_z, (len(x),)).sum()
 
     def _relaxed(self, x: torch.Tensor) -> torch.Tensor:
-        m, n = self.model, len(x)
-        q_y = self._expect("unlabelled", "q_y", _plate(m.label_guide.guide_dist(x), n), True)
+        m = self.model
+        q_y = self._expect("unlabelled", "q_y", m.label_guide.guide_dist(x), rsample=True)
         y = q_y.rsample()
-        q_z = self._expect("unlabelled", "q_z", _plate(m.q_z(x, y), n), rsample=True)
-        z = q_z.rsample()
-        p_y, p_z, out = self._model_terms("unlabelled", x, y, z, n)
-        log_px = _log_prob_points(m.likelihood, out, x, n)
-        model = (p_y.log_prob(y).sum(), p_z.log_prob(z).sum(), log_px.sum())
-        return _trace_loss(model, (q_y.log_prob(y).sum(), q_z.log_prob(z).sum()))
+        q_z = self._expect("unlabelled", "q_z", m.q_z(x, y), rsample=True)
+        log_w = self._bound("unlabelled", x, y, q_z, (len(x),)) - q_y.log_prob(y)
+        return -log_w.sum()
 
     def _enumerated(self, x: torch.Tensor) -> torch.Tensor:
         m, n = self.model, len(x)
-        q_y = self._expect("unlabelled", "q_y", _plate(m.label_guide.guide_dist(x), n))
+        q_y = self._expect("unlabelled", "q_y", m.label_guide.guide_dist(x))
         y = q_y.enumerate_support(expand=False)  # (K, 1, K): every class
-        q_z = self._expect("unlabelled", "q_z", _plate(m.q_z(x, y), n), rsample=True)  # (K, N)
-        z = q_z.rsample()
-        p_y, p_z, out = self._model_terms("unlabelled", x, y, z, n)
-        log_px = _log_prob_points(m.likelihood, out, x, n)  # (K, N)
-        log_q = q_y.log_prob(y)
-        # Dice's expectation: the marginal q(k | x_n) (exactly exp log q here) times each cost,
-        # one tensordot per site in Pyro's order, on Pyro's packed layout.
-        prob = _packed(log_q.exp())
-        costs = (p_y.log_prob(y), p_z.log_prob(z), log_px, -log_q, -q_z.log_prob(z))
-        elbo = 0.0
-        for cost in costs:
-            elbo = elbo + torch.tensordot(prob, _packed(cost), dims=prob.dim())
-        return -elbo
+        k = y.shape[0]
+        q_z = self._expect("unlabelled", "q_z", m.q_z(x, y), rsample=True)  # batch (K, N)
+        log_q = _points(q_y.log_prob(y), (k, n))
+        # The exact expectation over y: q(k | x_n) times each class's cost, one fused sum.
+        return -(log_q.exp() * (self._bound("unlabelled", x, y, q_z, (k, n)) - log_q)).sum()
+
+
+def _uses_engine_method(obj: Any, name: str, base: type) -> bool:
+    """``obj.name`` is ``base``'s own method (not redefined by a subclass or the instance)."""
+    return getattr(type(obj), name) is getattr(base, name) and name not in vars(obj)
+
+
+def _points(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``t`` if it has the plate's ``shape``, else the step goes to Pyro (a distribution whose
+    batch shape does not broadcast to the data plate as Pyro's plate would expand it)."""
+    if t.shape != shape:
+        raise _Fallback
+    return t

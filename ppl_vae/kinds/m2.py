@@ -12,7 +12,7 @@ step loss of a shard is
 with :math:`w_l = N_l / N`, :math:`w_u = N_u / N`: three Pyro ELBOs, each the
 ``differentiable_loss`` of a Pyro program pair (after a first validated Pyro step,
 :class:`~ppl_vae.inference.m2_fastpath.M2Loss` computes the ``Trace_ELBO`` and ``TraceEnum_ELBO``
-ones from the modules directly, with Pyro's values and gradients bitwise; ``M2Kind.fast = False``
+ones from the modules directly, with Pyro's values and gradients up to float rounding; ``M2Kind.fast = False``
 keeps Pyro's). The labelled bound is ``Trace_ELBO`` (or
 ``TraceGraph_ELBO`` for score-function label guides) on ``model(x, y)`` / ``guide(x, y)``; the
 unlabelled one is the label guide's estimator on ``model(x)`` / ``guide(x)`` (a config's
