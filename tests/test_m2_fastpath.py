@@ -385,7 +385,7 @@ def test_a_label_guide_with_its_own_classifier_distribution_is_scored_by_it() ->
         model = make_model("enumerate")
         if own:
             guide = model.label_guide
-            guide.dist = lambda x: dist.Categorical(logits=0.5 * guide(x))
+            guide.dist = lambda x, g=guide: dist.Categorical(logits=0.5 * g(x))
         loss = make_loss(model, "enumerate")
         x, y = batch()
         loss.classification(x, y, SCALE)
