@@ -75,7 +75,8 @@ class Normal(dist.Normal):
 
 
 class StandardNormal(dist.Normal):
-    r""":math:`\mathcal{N}(0, 1)` per coordinate, scored as :math:`-\tfrac12 z^2 - \tfrac12\log 2\pi`.
+    r""":math:`\mathcal{N}(0, 1)` per coordinate, scored as
+    :math:`-\tfrac12 z^2 - \tfrac12\log 2\pi`.
 
     Built by :class:`~ppl_vae.models.priors.gaussian.GaussianPrior` when its location and scale
     are the fixed zeros and ones (it checks them; ``loc`` and ``scale`` here must be those). Its

@@ -49,32 +49,33 @@ So the values and gradients differ from Pyro's by the rounding of the summation 
 ``tests/test_m2_fastpath.py`` requires agreement to 1e-10 in float64 for both label guides,
 every prior M2 takes and every likelihood (and to 1e-5 in float32), and a term left out or a
 gradient path cut fails it. Earlier releases repeated Pyro's operations in Pyro's order to be
-bitwise equal; that bookkeeping cost 0.5-0.7 ms of the 12 ms forward pass of a 28 ms step at
-64 dimensions on one CPU thread. A run is still deterministic: the same
-seed gives the same numbers, and a resumed run is exactly the uninterrupted one.
+bitwise equal; that bookkeeping cost 0.9-1.5 ms of a 17-35 ms step at 64 dimensions on one CPU
+thread (the two paths timed in one process; README, "The M2 step"). A run is still
+deterministic: the same seed gives the same numbers, and a resumed run is exactly the
+uninterrupted one.
 
 **When it is used.** Each term decides on its own. Its first call runs the Pyro ELBO itself,
-with Pyro's validation and warnings, on traced copies of the programs (counted in ``steps`` as
-a Pyro evaluation); the term's fast path is switched on only if the traces show exactly the engine's structure: guide sites ``z`` (labelled)
-or ``y``, ``z`` (unlabelled); model sites ``y``, ``z``, ``x`` (``y_class`` for the
-classification term) with ``x`` observing the data passed in and ``y`` observed where labelled
-(``y_class`` observing the labels passed in); only the
-``data`` plate; no masks; every site unscaled except ``y_class`` (scaled by ``s`` exactly as
+with Pyro's validation and warnings, on traced copies of the programs (counted in ``steps`` as a
+Pyro evaluation); the term's fast path is switched on only if the traces show exactly the
+engine's structure: guide sites ``z`` (labelled) or ``y``, ``z`` (unlabelled); model sites
+``y``, ``z``, ``x`` (``y_class`` for the classification term) with ``x`` observing the data
+passed in and ``y`` observed where labelled (``y_class`` observing the labels passed in); only
+the ``data`` plate; no masks; every site unscaled except ``y_class`` (scaled by ``s`` exactly as
 Pyro's plate and ``poutine.scale`` compute it); ``y`` enumerated in parallel over ``(K, 1, K)``
 one-hot values for ``TraceEnum_ELBO`` and reparameterised (with Pyro's default ``score_parts``)
 for ``Trace_ELBO``, likewise ``z``. The types of the sites' distributions in that step are
 recorded, and the call returns the fast path's value, computed from the random state the probe
 started from (so a run's every step is the fast path's, and a resumed run, which probes again,
-takes the uninterrupted run's step). Anything else keeps that term on Pyro's path for good: another estimator (meanfield,
-IWAE, ``TraceGraph_ELBO`` and score-function guides, any subclass), more than one particle,
-an SSVAE or label guide redefining the methods above, a prior, decoder or likelihood with
-sample sites of its own. A later step whose distributions are of other types than recorded
-(say, the relaxed label guide in eval mode, which draws exact one-hot labels) goes to Pyro.
-A type is checked where its distribution is built, which may be after a draw (p(z) after
-q(z|x)'s ``rsample``, and every network's dropout masks), so torch's generator is saved before
-each fast step and rewound on such a fall-back: the step is then exactly the one Pyro takes.
-Label-conditional priors :math:`p(z \mid y)` are served: ``model.p_z`` receives the same
-one-hot (or enumerated, or relaxed) labels as in Pyro's model.
+takes the uninterrupted run's step). Anything else keeps that term on Pyro's path for good:
+another estimator (meanfield, IWAE, ``TraceGraph_ELBO`` and score-function guides, any
+subclass), more than one particle, an SSVAE or label guide redefining the methods above, a
+prior, decoder or likelihood with sample sites of its own. A later step whose distributions are
+of other types than recorded (say, the relaxed label guide in eval mode, which draws exact
+one-hot labels) goes to Pyro. A type is checked where its distribution is built, which may be
+after a draw (p(z) after q(z|x)'s ``rsample``, and every network's dropout masks), so torch's
+generator is saved before each fast step and rewound on such a fall-back: the step is then
+exactly the one Pyro takes. Label-conditional priors :math:`p(z \mid y)` are served:
+``model.p_z`` receives the same one-hot (or enumerated, or relaxed) labels as in Pyro's model.
 
 **Validation.** Fast steps run with Pyro's validation off (``validate=True`` keeps it on). The
 first step of each term was validated; the data splits and the labels are checked before
