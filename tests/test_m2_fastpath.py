@@ -395,3 +395,24 @@ def test_a_label_guide_with_its_own_classifier_distribution_is_scored_by_it() ->
         if own:  # and not the engine's: halving the logits changes the value
             ref = -SCALE * dist.Categorical(logits=model.label_guide(x)).log_prob(y).sum()
             assert abs(float(out[0].detach()) - float(ref.detach())) > 1e-3
+
+
+@pytest.mark.parametrize("guide", list(GUIDES))
+def test_the_probe_step_returns_the_fast_value(guide: str) -> None:
+    """The first call of a term (Pyro's validated probe) returns what a fast step from the same
+    random state returns, bit for bit: a resumed run probes again and must take the same step
+    as the uninterrupted run, which is fast by then."""
+    x, y = batch()
+    for term in TERMS:
+        model = make_model(guide)
+        loss = make_loss(model, guide)
+        args = term_args(term, x, y)
+        pyro.set_rng_seed(SEED)
+        probed = getattr(loss, term)(*args)
+        assert loss.state[term] is True and loss.steps == {"fast": 1, "pyro": 1}
+        g_probed = grads(model, probed)
+        pyro.set_rng_seed(SEED)
+        fast = getattr(loss, term)(*args)
+        assert torch.equal(probed.detach(), fast.detach()), term
+        for a, b in zip(g_probed, grads(model, fast), strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
