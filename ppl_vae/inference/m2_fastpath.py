@@ -126,6 +126,11 @@ def served_estimator(elbo: Any) -> str | None:
     return {Trace_ELBO: "trace", TraceEnum_ELBO: "enum"}.get(type(elbo))
 
 
+def _uses_engine_method(obj: Any, name: str, base: type) -> bool:
+    """``obj.name`` is ``base``'s own method (not redefined by a subclass or the instance)."""
+    return getattr(type(obj), name) is getattr(base, name) and name not in vars(obj)
+
+
 def _is_engine_pair(model: Any) -> str:
     """Empty if ``model`` runs the engine's SSVAE programs and label-guide ``sample``, else why."""
     from ..ssl import SSVAE
@@ -133,12 +138,12 @@ def _is_engine_pair(model: Any) -> str:
     if not isinstance(model, SSVAE):
         return f"{type(model).__name__} is not an SSVAE"
     for name in _SSVAE_METHODS:
-        if getattr(type(model), name) is not getattr(SSVAE, name) or name in vars(model):
+        if not _uses_engine_method(model, name, SSVAE):
             return f"{type(model).__name__} redefines {name}"
     guide = model.label_guide
     if not isinstance(guide, LabelGuide):
         return f"the label guide {type(guide).__name__} is not a LabelGuide"
-    if type(guide).sample is not LabelGuide.sample or "sample" in vars(guide):
+    if not _uses_engine_method(guide, "sample", LabelGuide):
         return f"the label guide {type(guide).__name__} redefines sample"
     return ""
 
@@ -466,11 +471,6 @@ class M2Loss:
         log_q = _points(q_y.log_prob(y), (k, n))
         # The exact expectation over y: q(k | x_n) times each class's cost, one fused sum.
         return -(log_q.exp() * (self._bound("unlabelled", x, y, q_z, (k, n)) - log_q)).sum()
-
-
-def _uses_engine_method(obj: Any, name: str, base: type) -> bool:
-    """``obj.name`` is ``base``'s own method (not redefined by a subclass or the instance)."""
-    return getattr(type(obj), name) is getattr(base, name) and name not in vars(obj)
 
 
 def _points(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
