@@ -295,6 +295,39 @@ def test_a_distribution_of_another_type_sends_the_step_to_pyro() -> None:
     assert loss.steps == {"fast": 2, "pyro": 2}
 
 
+@pytest.mark.parametrize("guide", list(GUIDES))
+def test_p_z_is_scored_by_the_priors_log_density_unless_p_z_is_redefined(guide: str) -> None:
+    """The fast path's :math:`\\log p(z)` is ``prior.log_density`` at the draws (codes ``(N, D)``
+    labelled, ``(K, N, D)`` enumerated); an instance that sets its own ``p_z`` after the loss
+    was built (a wider normal) is scored by that distribution, and each still equals Pyro's."""
+    model = make_model(guide)
+    loss = make_loss(model, guide)
+    x, y = batch()
+    seen: list[tuple[int, ...]] = []
+    log_density = model.prior.log_density
+
+    def spy(z: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(z.shape))
+        return log_density(z, *labels)
+
+    model.prior.log_density = spy
+    for term in ("labelled", "unlabelled"):
+        args = term_args(term, x, y)
+        getattr(loss, term)(*args)  # the probe
+        seen.clear()
+        assert_same(*fast_and_pyro(loss, term, args))
+        codes = (K, N, LATENT) if term == "unlabelled" and guide == "enumerate" else (N, LATENT)
+        assert seen == [codes]
+    wide = dist.Normal(torch.zeros(LATENT), torch.full((LATENT,), 2.0)).to_event(1)
+    model.p_z = lambda y_val: wide
+    for term in ("labelled", "unlabelled"):
+        seen.clear()
+        before = dict(loss.steps)
+        out = fast_and_pyro(loss, term, term_args(term, x, y))
+        assert loss.steps["fast"] == before["fast"] + 1 and seen == []
+        assert_same(*out)
+
+
 def test_switched_off_every_term_is_pyros() -> None:
     kind = _kind("enumerate")
     kind.fast = False

@@ -13,6 +13,10 @@ only what its geometry needs:
 * :attr:`Prior.label_conditional` - a prior :math:`p(z \mid y)` of the label (M2): its
   ``forward(y)`` takes one-hot labels ``(..., K)`` and returns a distribution of batch shape
   ``(...)``; the engine gives it ``num_classes`` and refuses it in models without labels.
+* :meth:`Prior.log_density` - :math:`\log p(z)` at given codes, ``forward().log_prob(z)`` by
+  default; a prior may override it with a cheaper computation of the same value (the standard
+  Gaussian: :math:`-\tfrac12\lVert z\rVert^2 - \tfrac D2 \log 2\pi`, with no distribution
+  built). The M2 fast path (:mod:`ppl_vae.inference.m2_fastpath`) scores p(z) with it.
 * :meth:`Prior.attach` - called once the model's networks exist, with the encoder and the data
   shape, for a prior that is built from them (the VampPrior).
 * :meth:`Prior.embed` / :attr:`Prior.embed_dim` - what the decoder reads (von Mises: cos, sin).
@@ -74,6 +78,16 @@ class Prior(RecordsOptions, PyroModule):
     def forward(self) -> dist.Distribution:
         """Return p(z): event shape ``(latent_dim,)``, batch shape ``()``."""
         raise NotImplementedError
+
+    def log_density(self, z: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(z)` per code, ``(..., D) -> (...)``; for a :attr:`label_conditional`
+        prior :math:`\log p(z \mid y)` with ``labels = (y,)``, one-hot ``(..., K)``.
+
+        The default is ``self(*labels).log_prob(z)``. An override must return the same value up
+        to float rounding (``tests/models/test_priors.py`` checks every shipped prior against
+        its distribution) and may skip building the distribution.
+        """
+        return self(*labels).log_prob(z)
 
     # -- the guide ---------------------------------------------------------------------------
     def guide_family(self) -> VariationalFamily:

@@ -2,6 +2,8 @@ r"""Gaussian prior: standard normal, or a diagonal normal with learned location 
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroParam
@@ -10,6 +12,8 @@ from torch.distributions import constraints
 from ..distributions.family import MirrorFamily, VariationalFamily
 from ..distributions.normal import Normal, StandardNormal
 from .base import Prior
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class GaussianPrior(Prior):
@@ -42,6 +46,21 @@ class GaussianPrior(Prior):
         if self._is_standard():
             return StandardNormal(self.loc, self.scale).to_event(1)
         return dist.Normal(self.loc, self.scale).to_event(1)
+
+    def log_density(self, z: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        r""":math:`-\tfrac12 \lVert z \rVert^2 - \tfrac D2 \log 2\pi` at the fixed 0 and 1 (two
+        kernels on ``(..., D)``, where building ``StandardNormal(...).to_event(1)`` and scoring
+        it takes a distribution, a wrapper and four kernels); the distribution's ``log_prob``
+        otherwise, and whenever distributions validate their arguments (its support check).
+        """
+        if (
+            not labels
+            and not torch.distributions.Distribution._validate_args
+            and z.shape[-1:] == (self.latent_dim,)
+            and self._is_standard()
+        ):
+            return z.square().sum(-1) * -0.5 - self.latent_dim * _HALF_LOG_2PI
+        return super().log_density(z, *labels)
 
     def _is_standard(self) -> bool:
         """Fixed location 0 and scale 1 (:class:`StandardNormal`'s leaner ``log_prob``).

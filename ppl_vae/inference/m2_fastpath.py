@@ -25,9 +25,13 @@ guide's at the guide's draws (:math:`\log p(y) + \log p(z) + \log p(x \mid z, y)
 
 **Equivalence: the same estimator, equal up to float rounding.** The fast path calls the
 modules' own methods (``label_guide.guide_dist``, ``label_guide.prior``, ``label_guide.dist``,
-``model.q_z``, ``model.p_z``, ``prior.embed``, the decoder, the likelihood) and draws the same
-random numbers in the same order (the guide's, then the model's), so it sees the same
-:math:`z` and relaxed :math:`y` as Pyro's step. It re-implements only what the engine's
+``model.q_z``, ``prior.log_density``, ``prior.embed``, the decoder, the likelihood) and draws the
+same random numbers in the same order (the guide's, then the model's), so it sees the same
+:math:`z` and relaxed :math:`y` as Pyro's step. :math:`\log p(z)` is the prior's
+:meth:`~ppl_vae.models.priors.base.Prior.log_density`, by contract the ``log_prob`` of the
+distribution ``SSVAE.p_z`` returns (``prior(y)`` or ``prior()``); the fixed standard Gaussian
+computes it without building that distribution. Where an SSVAE redefines ``p_z``, its
+distribution's ``log_prob``. It re-implements only what the engine's
 ``SSVAE.model``, ``SSVAE.guide``, ``SSVAE.classifier_model``, ``SSVAE.one_hot`` and
 ``LabelGuide.sample`` do, which must therefore be the engine's own (not redefined by a subclass
 or an instance). What it does not repeat is Pyro's bookkeeping around the arithmetic:
@@ -74,8 +78,9 @@ of other types than recorded (say, the relaxed label guide in eval mode, which d
 one-hot labels) goes to Pyro. A type is checked where its distribution is built, which may be
 after a draw (p(z) after q(z|x)'s ``rsample``, and every network's dropout masks), so torch's
 generator is saved before each fast step and rewound on such a fall-back: the step is then
-exactly the one Pyro takes. Label-conditional priors :math:`p(z \mid y)` are served:
-``model.p_z`` receives the same one-hot (or enumerated, or relaxed) labels as in Pyro's model.
+exactly the one Pyro takes. Label-conditional priors :math:`p(z \mid y)` are served: their
+``log_density`` receives the same one-hot (or enumerated, or relaxed) labels as ``p_z`` in Pyro's
+model.
 
 **Validation.** Fast steps run with Pyro's validation off (``validate=True`` keeps it on). The
 first step of each term was validated; the data splits and the labels are checked before
@@ -146,6 +151,13 @@ def _is_engine_pair(model: Any) -> str:
     if not _uses_engine_method(guide, "sample", LabelGuide):
         return f"the label guide {type(guide).__name__} redefines sample"
     return ""
+
+
+def _engine_p_z() -> Callable:
+    """``SSVAE.p_z``: ``prior(y)`` for a label-conditional prior, else ``prior()``."""
+    from ..ssl import SSVAE
+
+    return SSVAE.p_z
 
 
 def _log_prob_points(likelihood: Any, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -274,6 +286,9 @@ class M2Loss:
         # Per term: the distribution types of its sites in the validated Pyro step.
         self._types: dict[str, dict[str, type]] = {}
         pair = _is_engine_pair(model)
+        # SSVAE.p_z, against which model.p_z is checked at each step (an instance may set its
+        # own later): while it is the engine's, p(z) is scored by the prior's log_density.
+        self._engine_p_z = None if pair else _engine_p_z()
         for term, elbo in self.elbos.items():
             kind = served_estimator(elbo)
             why = pair
@@ -427,26 +442,30 @@ class M2Loss:
         d = self._expect("classification", "y_class", guide.dist(x))
         return -_points(d.log_prob(y), (len(x),)).sum() * s
 
-    def _model_terms(
-        self, term: str, y: torch.Tensor, z: torch.Tensor
-    ) -> tuple[Any, Any, torch.Tensor]:
-        """The model's p(y), p(z) (type-checked) and decoder output, as ``SSVAE.model`` builds
-        them (unexpanded: their log-densities broadcast over the data plate)."""
+    def _log_p_z(self, term: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(z)` (:math:`\log p(z \mid y)` for a label-conditional prior) at the
+        draws: the prior's :meth:`~ppl_vae.models.priors.base.Prior.log_density` where
+        ``SSVAE.p_z`` is the engine's (``prior(y)`` or ``prior()``, the distribution whose
+        ``log_prob`` that is), else the type-checked ``model.p_z(y)``'s ``log_prob``."""
         m = self.model
-        p_y = self._expect(term, "p_y", m.label_guide.prior(m.class_logits))
-        p_z = self._expect(term, "p_z", m.p_z(y))
-        return p_y, p_z, m.decoder(m.prior.embed(z), y)
+        if type(m).p_z is self._engine_p_z and "p_z" not in vars(m):
+            prior = m.prior
+            return prior.log_density(z, y) if prior.label_conditional else prior.log_density(z)
+        return self._expect(term, "p_z", m.p_z(y)).log_prob(z)
 
     def _bound(
         self, term: str, x: torch.Tensor, y: torch.Tensor, q_z: Any, shape: tuple[int, ...]
     ) -> torch.Tensor:
         r""":math:`\log p(y) + \log p(z) + \log p(x \mid z, y) - \log q(z \mid x, y)` per point
-        (``shape``: ``(N,)``, or ``(K, N)`` enumerated) at one draw of ``q_z``."""
+        (``shape``: ``(N,)``, or ``(K, N)`` enumerated) at one draw of ``q_z``, with the
+        model's p(y) (type-checked), p(z) and decoder as ``SSVAE.model`` builds them
+        (unexpanded: their log-densities broadcast over the data plate)."""
         m = self.model
         z = q_z.rsample()
-        p_y, p_z, out = self._model_terms(term, y, z)
-        log_px = _log_prob_points(m.likelihood, out, x)
-        log_w = log_px + p_z.log_prob(z) - q_z.log_prob(z) + p_y.log_prob(y)
+        p_y = self._expect(term, "p_y", m.label_guide.prior(m.class_logits))
+        log_pz = self._log_p_z(term, z, y)
+        log_px = _log_prob_points(m.likelihood, m.decoder(m.prior.embed(z), y), x)
+        log_w = log_px + log_pz - q_z.log_prob(z) + p_y.log_prob(y)
         return _points(log_w, shape)
 
     def _labelled(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

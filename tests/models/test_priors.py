@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import pyro
 import pytest
 import torch
 
@@ -136,3 +137,73 @@ def test_importance_sampled_evaluation(prior):
 def test_a_prior_of_the_label_is_refused_by_a_model_without_labels(prior):
     with pytest.raises(ConfigError, match=r"is p\(z \| y\), conditioned on the label"):
         _vae(prior)
+
+
+def _catalogue_prior(prior: str):
+    """The prior as a model holds it, in float64: a VAE's, or for p(z | y) an SSVAE's (3
+    classes). (The model is converted: the VampPrior reads the model's encoder.)"""
+    if prior in LABEL_CONDITIONAL:
+        from ppl_vae.ssl import build_ssvae
+
+        model = build_ssvae((64,), 3, prior=prior, prior_args=CATALOGUE[prior], latent_dim=3,
+                            hidden_dims=(16,), label_guide="enumerate", network="mlp")  # fmt: skip
+        return model.double().prior
+    return _vae(prior).double().prior
+
+
+@pytest.mark.parametrize("validate", [False, True])
+@pytest.mark.parametrize("prior", sorted(CATALOGUE))
+def test_log_density_is_the_log_prob_of_the_prior(prior, validate):
+    r"""``Prior.log_density`` (how the M2 fast path scores p(z)) against ``forward().log_prob``
+    for every shipped prior, in float64 to ``1e-12``: an override may compute the same value
+    another way (the standard Gaussian sums before scaling), which moves only the rounding. On
+    codes of batch ``(2, 5)`` (the enumerated term's ``(K, N)``) and with gradients."""
+    p = _catalogue_prior(prior)
+    torch.manual_seed(0)
+    z = (1.5 * torch.randn(2, 5, 3, dtype=torch.float64)).requires_grad_()
+    if prior == "von-mises":  # angles
+        z = (z.detach() % (2 * math.pi) - math.pi).requires_grad_()
+    if prior == "spike-and-slab":  # its support: the codes its own draws take
+        z = p().sample((2, 5)).requires_grad_()
+    labels = ()
+    if prior in LABEL_CONDITIONAL:
+        labels = (torch.eye(3, dtype=torch.float64)[torch.tensor([0, 1, 2, 0, 1])],)
+    z2 = z.detach().clone().requires_grad_()  # its own graph (a flow caches its inverses)
+    with pyro.validation_enabled(validate):
+        got = p.log_density(z, *labels)
+        want = p(*labels).log_prob(z2)
+    assert got.shape == (2, 5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (g_got,) = torch.autograd.grad(got.sum(), z)
+    (g_want,) = torch.autograd.grad(want.sum(), z2)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_standard_gaussian_log_density_against_scipy_without_building_p():
+    r"""The fixed N(0, I) prior's :math:`\log p(z)` is scipy's ``norm.logpdf`` summed over the
+    codes, with gradient :math:`-z`, and is computed without :meth:`forward` while
+    distributions do not validate; a moved buffer gives that normal's density."""
+    from scipy.stats import norm
+
+    from ppl_vae.models.priors.gaussian import GaussianPrior
+
+    p = GaussianPrior(4).double()
+    torch.manual_seed(1)
+    z = (3 * torch.randn(7, 4, dtype=torch.float64)).requires_grad_()
+    with pyro.validation_enabled(False):
+        p.forward = None  # not called: the closed form alone
+        got = p.log_density(z)
+        del p.forward
+    want = torch.from_numpy(norm.logpdf(z.detach().numpy()).sum(-1))
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    (grad,) = torch.autograd.grad(got.sum(), z)
+    torch.testing.assert_close(grad, -z.detach(), rtol=0, atol=1e-15)
+    with pyro.validation_enabled(True):  # the distribution's support check: NaN is refused
+        with pytest.raises(ValueError, match="support"):
+            p.log_density(torch.full((1, 4), math.nan, dtype=torch.float64))
+    with torch.no_grad():
+        p.loc.fill_(0.5)  # an in-place write: no longer the standard normal
+    with pyro.validation_enabled(False):
+        got = p.log_density(z.detach())
+    want = torch.from_numpy(norm.logpdf(z.detach().numpy(), loc=0.5).sum(-1))
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
