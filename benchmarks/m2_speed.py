@@ -15,6 +15,10 @@ interleaved round by round (the order alternates every round), on the same batch
     The same step with the fast path off (``M2Kind.fast = False``): every term is Pyro's
     ``TraceEnum_ELBO`` / ``Trace_ELBO`` ``differentiable_loss``. (Before the fast path existed
     this was ``ppl_vae``.)
+``ppl_vae, p(z) distribution`` (only with ``--ablate-log-density``)
+    ``ppl_vae`` with p(z) scored as before :meth:`~ppl_vae.models.priors.base.Prior.log_density`
+    existed: through the distribution ``SSVAE.p_z`` builds (``StandardNormal(0, 1).to_event(1)``,
+    its ``log_prob``), which measures what that hook saves.
 ``hand, fused Adam``
     A hand-written PyTorch M2 (:class:`HandM2`) on deep copies of the same modules (the
     encoder's feature network and head, the decoder, the classifier network: same layers, same
@@ -82,7 +86,7 @@ from ppl_vae.cli import Parser, name_list, run_command
 from ppl_vae.data import Dataset, load_data
 from ppl_vae.kinds.base import StepState
 from ppl_vae.kinds.m2 import M2Kind
-from ppl_vae.ssl import SSLConfig, build_ssl_run
+from ppl_vae.ssl import SSVAE, SSLConfig, build_ssl_run
 from ppl_vae.training.optim import make_adam
 from ppl_vae.training.setup import initialize_from_data, resolve_device
 from ppl_vae.training.trainer import Settings, Trainer
@@ -95,6 +99,8 @@ REFERENCE = "hand, fused Adam"
 #: The secondary reference: the same with ``torch.optim.Adam`` at its defaults.
 DEFAULT_ADAM_REFERENCE = "hand, default Adam"
 VARIANTS = ("ppl_vae", "ppl_vae, Pyro ELBOs", REFERENCE, DEFAULT_ADAM_REFERENCE)
+#: ``--ablate-log-density``'s extra variant: p(z) through its distribution.
+P_Z_DISTRIBUTION = "ppl_vae, p(z) distribution"
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -155,15 +161,19 @@ def build_setup(
 
 
 class PplStep:
-    """The trainer's step on the kind, over the setup's batches (cycled)."""
+    """The trainer's step on the kind, over the setup's batches (cycled); ``log_density=False``
+    scores p(z) through ``SSVAE.p_z``'s distribution (the fast path's own switch)."""
 
-    def __init__(self, setup: Setup, fast: bool) -> None:
+    def __init__(self, setup: Setup, fast: bool, log_density: bool = True) -> None:
         self.setup, self.fast, self.i = setup, fast, 0
+        # (M2Loss scores p(z) by log_density while model.p_z is this method, SSVAE's own)
+        self.engine_p_z = SSVAE.p_z if log_density else None
 
     def __call__(self) -> None:
         s = self.setup
         kind = s.kind
         kind.fast = self.fast
+        kind.terms._engine_p_z = self.engine_p_z
         b = self.i % len(s.batches)
         step = self.i % s.total_steps
         kind.begin_step(StepState(0, step, s.total_steps, step / (s.total_steps - 1), 1.0))
@@ -307,7 +317,8 @@ def run_case(
     fns: dict[str, Callable[[], None]] = {}
     for v in variants:
         if v.startswith("ppl_vae"):
-            fns[v] = PplStep(setup, fast=(v == "ppl_vae"))
+            fast = v in ("ppl_vae", P_Z_DISTRIBUTION)
+            fns[v] = PplStep(setup, fast=fast, log_density=(v != P_Z_DISTRIBUTION))
         else:
             fns[v] = HandStep(setup, guide, fused=(v == REFERENCE))
     # The fast path's first (validated Pyro) step, outside the timings; then the number of
@@ -428,6 +439,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     )
     p.add_argument("--json", metavar="FILE")
     p.add_argument(
+        "--ablate-log-density", action="store_true",
+        help=f"also time {P_Z_DISTRIBUTION!r}: p(z) through its distribution, not log_density",
+    )  # fmt: skip
+    p.add_argument(
         "--epoch28", type=int, metavar="EPOCHS", default=0,
         help="instead: seconds per epoch of ppl-vae ssl's defaults on digits upsampled to 28x28",
     )  # fmt: skip
@@ -447,16 +462,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
         batch, labels, rounds, steps = 128, 100, args.rounds, args.steps
         if args.quick:
             batch, labels, rounds, steps = 4, 10, 2, 1
+        variants = VARIANTS + ((P_Z_DISTRIBUTION,) if args.ablate_log_density else ())
         results = []
         for case in args.cases:
             for guide in args.guides:
                 r = run_case(
                     case, guide, device, rounds=rounds, steps=steps, batch_size=batch,
-                    labels=labels, variants=VARIANTS,
+                    labels=labels, variants=variants,
                 )  # fmt: skip
                 results.append(r)
                 print(f"{case} {guide}: " + ", ".join(
-                    f"{v} {r.median(v):.2f} ms" for v in VARIANTS
+                    f"{v} {r.median(v):.2f} ms" for v in variants
                 ) + f" ({r.steps} steps x {rounds} rounds)", file=sys.stderr, flush=True)  # fmt: skip
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(
@@ -465,7 +481,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"torch threads {torch.get_num_threads()}); batch {batch} unlabelled + {labels} labelled, "
         f"{rounds} rounds"
     )
-    print(table(results, VARIANTS))
+    print(table(results, variants))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

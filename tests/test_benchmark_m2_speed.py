@@ -48,6 +48,13 @@ def test_quick_run_prints_every_case_with_finite_ratios(bench, capsys) -> None:
                     assert math.isfinite(r.paired(v, cpu=cpu)) and r.paired(v, cpu=cpu) > 0
 
 
+def test_the_log_density_ablation_adds_its_variant(bench, capsys) -> None:
+    results = bench.main(["--quick", "--cases", "64", "--guides", "relaxed", "--ablate-log-density"])
+    assert set(results[0].ms) == {*bench.VARIANTS, bench.P_Z_DISTRIBUTION}
+    assert f"{bench.P_Z_DISTRIBUTION} ÷ {bench.REFERENCE}" in capsys.readouterr().out
+    assert math.isfinite(results[0].paired(bench.P_Z_DISTRIBUTION))
+
+
 def test_the_variants_take_the_paths_they_name(bench) -> None:
     with pyro.settings.context(module_local_params=True):
         setup = bench.build_setup("64", "enumerate", torch.device("cpu"), 4, 10, num_batches=2)
@@ -57,6 +64,14 @@ def test_the_variants_take_the_paths_they_name(bench) -> None:
         assert terms.steps == {"fast": 6, "pyro": 3}  # the probe: Pyro's, then fast
         bench.PplStep(setup, fast=False)()
         assert terms.steps == {"fast": 6, "pyro": 6}
+        # --ablate-log-density: fast, with p(z) through its distribution, then back
+        prior, calls = setup.kind.model.prior, []
+        log_density = prior.log_density
+        prior.log_density = lambda *a: calls.append(1) or log_density(*a)
+        bench.PplStep(setup, fast=True, log_density=False)()
+        assert terms.steps == {"fast": 9, "pyro": 6} and calls == []
+        bench.PplStep(setup, fast=True)()
+        assert terms.steps == {"fast": 12, "pyro": 6} and len(calls) == 2  # labelled, unlabelled
         hand = bench.HandStep(setup, "enumerate", fused=False)
         x_l, y_l, x_u, b_l, b_u = setup.batches[0]
         assert torch.isfinite(hand.m2.loss(x_l, y_l, x_u, b_l, b_u))
